@@ -1,3 +1,11 @@
-"""deepsail: a PyTorch toolkit for DeepSeek-style language models."""
+"""deepsail: a PyTorch toolkit for DeepSeek-style language models.
+
+    import deepsail as ds
+    model = ds.Transformer(layers=12, heads=16)       # a DeepSeek-V3-shaped model from a few numbers
+    model = ds.from_pretrained("path/to/hf-dir")      # DeepSeek-V3/V2, Qwen2, Llama checkpoints
+"""
+
+from deepsail.model import KVCache, ModelConfig, ModelOutput, Transformer, from_pretrained
 
 __version__ = "0.1.0"
+__all__ = ["KVCache", "ModelConfig", "ModelOutput", "Transformer", "from_pretrained", "__version__"]

@@ -1,0 +1,126 @@
+"""Attention: grouped-query attention (Llama, Qwen2) and DeepSeek's Multi-head Latent Attention.
+
+Both run in one of two modes, chosen once per forward by `AttentionContext`:
+- causal over the new tokens only (training, and a prefill whose rows have nothing cached yet): one SDPA call;
+- against the paged cache (decode, continued prefill, speculative verification): new entries are written to the
+  pool, then each row's cached entries are gathered and attended to under an explicit mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsail.model.cache import KVCache
+from deepsail.model.config import ModelConfig
+from deepsail.model.layers import RMSNorm, apply_rope
+
+
+@dataclass
+class AttentionContext:
+    """Everything about positions and the cache that is the same for every layer of one forward pass."""
+
+    cos: torch.Tensor  # [B or 1, 1, T, rope_dim/2]
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    write_slots: torch.Tensor | None = None  # [N] pool slots of the valid new tokens
+    write_rows: torch.Tensor | None = None  # [N] their flat indices in the [B*T] batch
+    read_slots: torch.Tensor | None = None  # [B, L] pool slot of every key position (0 where masked)
+    mask: torch.Tensor | None = None  # [B, 1, T, L] True where a query may attend a key
+    fresh: bool = True  # no row has cached tokens: plain causal attention over the new tokens
+
+    def write(self, store: torch.Tensor, entries_BT: torch.Tensor) -> None:
+        flat = entries_BT.reshape(-1, *entries_BT.shape[2:])
+        store.index_copy_(0, self.write_slots, flat.index_select(0, self.write_rows).to(store.dtype))
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.interleave, self.scale = config.rope_interleave, config.softmax_scale
+        qkv_bias = config.attention_bias
+        o_bias = config.attention_bias and config.model_type == "llama"  # Qwen2: q/k/v bias, no o bias
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=o_bias)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin, self.interleave), apply_rope(k, ctx.cos, ctx.sin, self.interleave)
+        gqa = self.n_kv != self.n_heads
+        if ctx.cache is not None:
+            pool = ctx.cache.pool
+            ctx.write(pool.k[self.layer_idx], k.transpose(1, 2))
+            ctx.write(pool.v[self.layer_idx], v.transpose(1, 2))
+        if ctx.fresh:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            k = pool.k[self.layer_idx][ctx.read_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, hd]
+            v = pool.v[self.layer_idx][ctx.read_slots].transpose(1, 2).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2 §2.1). Keys and values are up-projected from a small latent c_kv shared by all heads, plus one
+    rope key shared by all heads. Training expands the latent into per-head K/V; decoding folds the up-projections
+    into the query and the output ("absorption"), so it attends directly over the cached latents and the cache never
+    holds per-head keys or values."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.interleave, self.scale = config.rope_interleave, config.softmax_scale
+        d, qk_dim, bias = config.hidden_size, config.qk_head_dim, config.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d, bias=bias)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, r = self.n_heads, self.kv_lora_rank
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora_rank else self.q_proj(x_BTD)
+        q_nope, q_rope = q.view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([r, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_rope = apply_rope(q_rope, ctx.cos, ctx.sin, self.interleave)
+        k_rope = apply_rope(k_rope[:, None], ctx.cos, ctx.sin, self.interleave)  # [B, 1, T, rope]
+        if ctx.cache is not None:
+            ctx.write(ctx.cache.pool.k[self.layer_idx], torch.cat((c_kv, k_rope[:, 0]), dim=-1))
+
+        if ctx.fresh:  # expanded path: per-head keys/values from the latent of the new tokens
+            k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.v_dim], -1)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+            k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope_dim)), dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
+            latent = ctx.cache.pool.k[self.layer_idx][ctx.read_slots].to(q.dtype)  # [B, L, r + rope]
+            w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r).to(q.dtype)
+            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv_b[:, : self.nope_dim])
+            query = torch.cat((q_latent, q_rope), dim=-1)
+            key = latent[:, None]
+            out_latent = F.scaled_dot_product_attention(
+                query, key, key[..., :r], attn_mask=ctx.mask, scale=self.scale, enable_gqa=True
+            )
+            out = torch.einsum("bhtr,hvr->bhtv", out_latent, w_kv_b[:, self.nope_dim :])
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))

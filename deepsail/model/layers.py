@@ -1,0 +1,116 @@
+"""The small pieces every block is made of: RMSNorm, rotary embeddings (plain, YaRN, Llama-3) and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsail.model.config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype: bf16 sums of squares lose too much.
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()).type_as(x)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary embedding and the factor its cos/sin are multiplied by.
+
+    YaRN (DeepSeek's long-context scaling) interpolates low frequencies by `factor`, keeps high ones, ramps in between,
+    and multiplies cos/sin by mscale(factor, mscale)/mscale(factor, mscale_all_dim). Llama-3 divides low frequencies
+    by `factor` with a smooth band. Always computed on the CPU in fp32 so a meta-device build still gets real values.
+    """
+    dim, base = config.rope_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    s = config.rope_scaling or {}
+    if config.rope_type == "yarn":
+        factor, original = s["factor"], s["original_max_position_embeddings"]
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = yarn_mscale(factor)
+        return inv_freq, float(attention_factor)
+    if config.rope_type == "llama3":
+        factor, original = s["factor"], s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = original / s["low_freq_factor"], original / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    return inv_freq, 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """fp32 cos/sin for given positions, shaped [B or 1, 1, T, dim/2] to broadcast over heads."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(config)
+        # A plain attribute, not a buffer: it is derived from the config, never saved, and must survive to_empty().
+        self._inv_freq = {torch.device("cpu"): inv_freq}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[..., None] * self.inv_freq(positions.device)
+        if angles.dim() == 2:  # [T, d/2] shared by the batch
+            angles = angles[None]
+        angles = angles[:, None]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotates x [B, H, T, d] by the position angles.
+
+    Llama/Qwen rotate the two halves of the head dim against each other; DeepSeek checkpoints rotate adjacent pairs.
+    Both return the rotated pairs as [real halves | imaginary halves]: queries and keys go through the same map, so
+    their dot products (all attention ever sees) are those of the interleaved rotation.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
