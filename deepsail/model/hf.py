@@ -213,8 +213,8 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[
             put(hf_name, t)
     for k in range(len(model.mtp)):  # DeepSeek-V3 stores the shared embedding and head again in each MTP layer
         layer = f"model.layers.{config.num_hidden_layers + k}"
-        put(f"{layer}.embed_tokens.weight", model.embed_tokens.weight)
-        put(f"{layer}.shared_head.head.weight", model.lm_head.weight)
+        put(f"{layer}.embed_tokens.weight", model.embed_tokens.weight.clone())
+        put(f"{layer}.shared_head.head.weight", model.lm_head.weight.clone())
     return out
 
 

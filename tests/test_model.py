@@ -1,0 +1,306 @@
+"""The model on its own: every preset through forward/cache/batch/bf16, MoE routing and balancing, MTP, configs,
+and the errors a user gets for bad checkpoints and impossible configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deepsail as ds
+from deepsail.model import PRESETS, ModelConfig, Transformer, config_from_seed
+from deepsail.model.moe import MoE, Router
+
+DEBUG_PRESETS = sorted(name for name in PRESETS if name.endswith("-debug"))
+
+
+def _model(name: str, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset(name)).eval()
+
+
+@pytest.mark.parametrize("name", DEBUG_PRESETS)
+def test_every_preset_forward_cache_batch_bf16(name):
+    """mlx-lm's generic test: forward, training loss, prefill + decode == full forward at batch 3, bf16 runs."""
+    model = _model(name)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        assert full.shape == (3, 10, V) and torch.isfinite(full).all()
+        cache = model.new_cache(3, 16, block_size=4)
+        steps = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)]
+        assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+        # a batch row gives the same logits as the row alone
+        assert (model(ids[1:2]).logits - full[1:2]).abs().max() < 1e-4
+    model.train()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    bf16 = _model(name).to(torch.bfloat16)
+    with torch.no_grad():
+        logits = bf16(ids).logits
+        cache = bf16.new_cache(3, 16)
+        bf16(ids[:, :9], cache=cache)
+        last = bf16(ids[:, 9:], cache=cache).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (last[:, 0].float() - logits[:, -1].float()).abs().max() < 0.1 * logits.float().abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_moe_matches_a_per_token_reference():
+    """Grouped expert dispatch == the obvious per-token loop over its chosen experts."""
+    model = _model("deepseek-v3-debug")
+    moe: MoE = model.layers[1].mlp
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+        x = torch.randn(2, 7, model.config.hidden_size)
+        got = moe(x)
+        flat = x.view(-1, x.shape[-1])
+        _, ids, weights = moe.gate(flat)
+        want = moe.shared_experts(flat)
+        I = model.config.moe_intermediate_size
+        for t in range(flat.shape[0]):
+            for k in range(ids.shape[1]):
+                e = ids[t, k]
+                gu = moe.experts.gate_up_proj[e] @ flat[t]
+                h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+                want[t] += weights[t, k] * (moe.experts.down_proj[e] @ h)
+    assert (got.view(-1, x.shape[-1]) - want).abs().max() < 1e-5
+
+
+def test_group_limited_routing_stays_inside_topk_groups():
+    cfg = ModelConfig.preset("deepseek-v3-debug")  # 8 experts in 4 groups, top-2 groups
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=1.0)
+    _, ids, weights = router(torch.randn(256, cfg.hidden_size))
+    groups = ids // (cfg.n_routed_experts // cfg.n_group)
+    assert (groups.unique(dim=1).shape[1] if False else max(len(set(row.tolist())) for row in groups)) <= cfg.topk_group
+    # sigmoid scores, normalised then scaled: each token's weights sum to routed_scaling_factor
+    assert torch.allclose(weights.sum(-1), torch.full((256,), cfg.routed_scaling_factor), atol=1e-5)
+
+
+def test_balance_bias_changes_choice_not_weights():
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(n_group=1, topk_group=1)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, cfg.hidden_size)
+    scores, ids, w = router(x)
+    router.e_score_correction_bias[ids[0, 0]] = -10.0  # ban the first token's top expert
+    scores2, ids2, w2 = router(x)
+    assert torch.equal(scores, scores2) and not (ids2 == ids[0, 0]).any()
+    # weights still come from the unbiased scores
+    assert torch.allclose(w2 / cfg.routed_scaling_factor * scores2.gather(1, ids2).sum(-1, keepdim=True),
+                          scores2.gather(1, ids2), atol=1e-5)
+
+
+def test_bias_update_moves_load_toward_balance():
+    """Skewed router -> repeated sign-rule updates (γ = 1e-2) spread the load (V3's aux-loss-free balancing)."""
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(n_group=1, topk_group=1, first_k_dense_replace=0,
+                                                          num_hidden_layers=1, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    moe = model.layers[0].mlp
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.02)
+        moe.gate.weight[0] += 0.5  # experts 0 and 1 attract most tokens
+        moe.gate.weight[1] += 0.4
+    x = torch.randn(4, 64, cfg.hidden_size) + 0.3  # a shared direction every token has: a real skew
+
+    def imbalance() -> float:
+        with torch.no_grad():
+            moe(x)
+        load = model.expert_load()["layers.0.mlp"]
+        model.update_balance_bias(0.0)
+        return (load.max() / load.mean()).item()
+
+    before = imbalance()
+    for _ in range(200):
+        with torch.no_grad():
+            moe(x)
+        model.update_balance_bias(1e-2)
+    after = imbalance()
+    assert before > 2.5 and after < 1.5, (before, after)
+
+
+def test_sequence_aux_loss_is_reported_and_differentiable():
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(aux_loss_alpha=0.01)
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    # balanced routing gives Σ f_i P_i ≈ 1 per layer, so the loss is ≈ α · (#MoE layers incl. MTP)
+    n_moe = len(model.moe_layers())
+    assert 0.5 * 0.01 * n_moe < out.aux_loss.item() < 3 * 0.01 * n_moe
+    out.aux_loss.backward()
+    assert model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_mtp_loss_trains_and_saves_with_the_checkpoint(tmp_path):
+    model = _model("deepseek-v3-debug").train()
+    assert len(model.mtp) == 1
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = model(x, labels=y)
+        first = first if first is not None else out.mtp_loss.item()
+        assert torch.allclose(out.loss, out.lm_loss + model.config.mtp_loss_weight * out.mtp_loss)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.mtp_loss.item() < 0.5 * first
+    model.save_pretrained(tmp_path / "ckpt")
+    keys = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert keys["num_nextn_predict_layers"] == 1
+    back = ds.from_pretrained(tmp_path / "ckpt")
+    assert len(back.mtp) == 1
+    with torch.no_grad():
+        model.eval()
+        a, b = model(x, labels=y), back(x, labels=y)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_loss, b.mtp_loss)
+
+
+def test_mtp_step_matches_training_path():
+    """Inference-time MTP with its own cache view gives the logits the training path computes."""
+    model = _model("deepseek-v3-debug")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model(ids, return_hidden=True).hidden
+        want, _ = model.mtp_step(0, hidden[:, :-1], ids[:, 1:])
+        cache = model.new_cache(2, 16)
+        mtp_cache = ds.KVCache(cache.pool, cache.block_table, torch.zeros(2, dtype=torch.long))
+        got = [model.mtp_step(0, hidden[:, :5], ids[:, 1:6], cache=mtp_cache)[0]]
+        for t in range(5, 11):
+            got.append(model.mtp_step(0, hidden[:, t : t + 1], ids[:, t + 1 : t + 2], cache=mtp_cache)[0])
+    assert (torch.cat(got, 1) - want).abs().max() < 1e-4
+
+
+def test_seed_api_builds_sensible_models():
+    model = ds.Transformer(layers=2, heads=4, vocab=300)
+    c = model.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.hidden_size) == (2, 4, 256)
+    assert c.attention_type == "mla" and c.is_moe and c.num_nextn_predict_layers == 1
+    assert model(torch.randint(0, 300, (1, 5))).logits.shape == (1, 5, 300)
+    dense = ds.Transformer(layers=2, heads=4, vocab=300, experts=0, attention="gqa", kv_heads=2)
+    assert dense.config.model_type == "llama" and not dense.config.is_moe
+    with pytest.raises(ValueError, match="either a ModelConfig or seed"):
+        ds.Transformer(ModelConfig.preset("llama-3-8b-debug"), layers=3)
+
+
+def test_flops_and_params_accounting():
+    model = _model("deepseek-v3-debug")
+    total, active = model.num_params(), model.num_params(active=True)
+    assert active < total
+    assert model.flops_per_token(128) > 6 * (active - model.embed_tokens.weight.numel())
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(model_type="gpt2"), "model_type"),
+        (dict(n_group=3), "n_group"),  # 8 experts don't split into 3 groups
+        (dict(topk_group=5), "topk_group"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(attention_type="gqa"), "attention_type"),  # deepseek needs MLA
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(rope_scaling={"rope_type": "yarn"}), "rope_scaling"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+    ],
+)
+def test_impossible_configs_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}="):
+        ModelConfig.preset("deepseek-v3-debug").replace(**changes)
+
+
+def test_hf_config_round_trip_and_rope_spellings():
+    for name in DEBUG_PRESETS:
+        cfg = ModelConfig.preset(name)
+        again = ModelConfig.from_hf(cfg.to_hf())
+        assert again.to_hf() == cfg.to_hf(), name
+    old_style = ModelConfig.preset("llama-3-8b-debug").to_hf()
+    old_style.pop("rope_parameters")  # transformers 4.x spelling: rope_theta + rope_scaling{"type": ...}
+    old_style["rope_scaling"] = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}
+    assert ModelConfig.from_hf(old_style).rope_scaling["rope_type"] == "llama3"
+    with pytest.raises(ValueError, match="model_type='bert'"):
+        ModelConfig.from_hf({"model_type": "bert"})
+
+
+def test_bad_checkpoints_get_errors_that_list_the_problem(tmp_path):
+    model = _model("qwen2-1.5b-debug")
+    model.save_pretrained(tmp_path / "good")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "good" / "model.safetensors")
+    # missing + unexpected + wrong shape, all reported together
+    weights.pop("model.layers.0.self_attn.q_proj.weight")
+    weights["model.layers.0.self_attn.rogue.weight"] = torch.zeros(2)
+    weights["model.norm.weight"] = torch.zeros(3)
+    (tmp_path / "bad").mkdir()
+    save_file(weights, tmp_path / "bad" / "model.safetensors")
+    (tmp_path / "bad" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    with pytest.raises(ValueError) as err:
+        ds.from_pretrained(tmp_path / "bad")
+    msg = str(err.value)
+    assert "missing tensors: layers.0.self_attn.q_proj.weight" in msg
+    assert "unexpected tensors: model.layers.0.self_attn.rogue.weight" in msg
+    assert "norm.weight: checkpoint (3,) vs model (64,)" in msg
+
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match="safetensors only"):
+        ds.from_pretrained(tmp_path / "pickle")
+    with pytest.raises(ValueError, match="no config.json"):
+        ds.from_pretrained(tmp_path)
+
+
+def test_sharded_save_and_load(tmp_path):
+    model = _model("deepseek-v3-debug")
+    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=200_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    back = ds.from_pretrained(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
+    model = _model("llama-3-8b-debug")
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target)
+    (target / "tokenizer.json").write_text("{}")
+    before = (target / "model.safetensors").read_bytes()
+
+    import deepsail.model.hf as hf
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "save_file", crash)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError):
+        model.save_pretrained(target)
+    assert (target / "model.safetensors").read_bytes() == before  # the last good checkpoint is intact
+    monkeypatch.undo()
+    model.save_pretrained(target)
+    assert (target / "tokenizer.json").exists() and (target / "model.safetensors").read_bytes() != before
+
+
+def test_meta_build_does_not_allocate():
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.preset("deepseek-v3"))  # the full 671B configuration
+    assert all(p.is_meta for p in model.parameters())
+    assert 600e9 < model.num_params() < 700e9 and 30e9 < model.num_params(active=True) < 45e9
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = _model("llama-3-8b-debug")
+    cache = model.new_cache(1, 8, block_size=4)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
