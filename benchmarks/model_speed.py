@@ -1,0 +1,142 @@
+"""Training and decode speed of deepsail beside HF transformers, same weights, measured alternately in one run.
+
+    python benchmarks/model_speed.py            # the ~40M DeepSeek-V3 config of the issue, on CPU (or CUDA if there)
+    python benchmarks/model_speed.py --quick    # fewer repetitions
+
+Model: hidden 512, 8 layers, MLA (q latent 128, kv latent 64, rope 32), 8 routed experts top-2 + 1 shared, first
+layer dense (the `deepseek-v3-small` preset without MTP, since transformers' DeepseekV3ForCausalLM trains none).
+Training: fwd + bwd + AdamW on batch 8x256, fp32 and bf16 autocast. Decode: greedy, 32-token prompt + 64 new
+tokens, batch 1 and 8, KV cache on both sides. Each figure is the median over rounds in which the two
+implementations take turns, so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+import deepsail as ds
+from deepsail.model import ModelConfig
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step_fn(model, hf: bool, ids, precision: str, device: str):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    amp = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step() -> None:
+        with amp:
+            if hf:
+                logits = model(x).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            else:
+                loss = model(x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+@torch.no_grad()
+def ds_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
+    B, T = prompt.shape
+    cache = model.new_cache(B, T + new_tokens)
+    logits = model(prompt, cache=cache, last_logits_only=True).logits
+    out = [logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens - 1):
+        out.append(model(out[-1], cache=cache).logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, prompt.shape[1]:]
+
+
+def alternate(fns: dict[str, callable], rounds: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each fn, calling them in turn each round (one warm-up round first)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    import transformers
+
+    device, rounds = args.device, (2 if args.quick else 5)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("deepseek-v3-small").replace(num_nextn_predict_layers=0)
+    ours = ds.Transformer(config).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+    hf = hf.to(device)
+    print(f"device={device} torch={torch.__version__} transformers={transformers.__version__} threads="
+          f"{torch.get_num_threads()}")
+    print(f"model: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active")
+
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
+    with torch.no_grad():  # same weights -> same logits: a benchmark of the same function
+        diff = (ours(ids[:2, :64]).logits - hf(ids[:2, :64]).logits).abs().max().item()
+    print(f"parity check: max |Δlogit| = {diff:.2e}\n")
+    rows = []
+    tokens = args.batch * args.seq
+    flops_tok = ours.flops_per_token(args.seq)
+    peak = peak_flops(device)
+    for precision in ("fp32", "bf16"):
+        t = alternate({"deepsail": train_step_fn(ours.train(), False, ids, precision, device),
+                       "hf": train_step_fn(hf.train(), True, ids, precision, device)}, rounds, device)
+        ours_tps, hf_tps = tokens / t["deepsail"], tokens / t["hf"]
+        mfu = f"  MFU {100 * ours_tps * flops_tok / peak:.1f}%" if peak else ""
+        rows.append((f"train {precision} {args.batch}x{args.seq} tok/s", ours_tps, hf_tps, mfu))
+    ours.eval(), hf.eval()
+    new = 64
+    for batch in (1, 8):
+        prompt = torch.randint(0, config.vocab_size, (batch, 32), device=device)
+        same = torch.equal(ds_greedy(ours, prompt, 16), hf_greedy(hf, prompt, 16))
+        t = alternate({"deepsail": lambda: ds_greedy(ours, prompt, new), "hf": lambda: hf_greedy(hf, prompt, new)},
+                      rounds, device)
+        rows.append((f"decode fp32 batch {batch} tok/s", batch * new / t["deepsail"], batch * new / t["hf"],
+                     f"  greedy tokens identical: {same}"))
+
+    print(f"{'measure':<32}{'deepsail':>12}{'HF':>12}{'ratio':>9}")
+    for name, a, b, note in rows:
+        print(f"{name:<32}{a:>12.0f}{b:>12.0f}{a / b:>8.2f}x{note}")
+
+
+if __name__ == "__main__":
+    main()
