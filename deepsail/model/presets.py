@@ -55,6 +55,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "n_group": 1,
         "topk_group": 1, "routed_scaling_factor": 1.0, "first_k_dense_replace": 1,
     },
+    # `deepsail run`'s default: the V3 design (MLA + fine-grained MoE + shared expert + MTP) at a size 2 CPU cores
+    # train in minutes (9.9M params, 5.4M active, MTP aside). The dense MLP is as wide as the active experts, so
+    # `deepseek-v3-mini-dense` (every layer dense) has the same active parameters.
+    "deepseek-v3-mini": {
+        **_V3, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 576, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "max_position_embeddings": 1024, "q_lora_rank": 96, "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "rope_scaling": None,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 192, "n_group": 1,
+        "topk_group": 1, "routed_scaling_factor": 1.0, "first_k_dense_replace": 1,
+    },
     "deepseek-v2-lite": _V2_LITE,
     "deepseek-v2-lite-debug": {
         **_V2_LITE, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -76,3 +86,4 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_scaling": dict(_LLAMA_8B["rope_scaling"], original_max_position_embeddings=64),
     },
 }
+PRESETS["deepseek-v3-mini-dense"] = {**PRESETS["deepseek-v3-mini"], "n_routed_experts": 0, "n_shared_experts": 0}
