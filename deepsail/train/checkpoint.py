@@ -1,0 +1,194 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is one directory, `<out>/checkpoints/step_000500/`, that is also a loadable model:
+
+    config.json, model.safetensors   model.save_pretrained (HF layout; ds.from_pretrained reads it)
+    tokenizer files                  the data's tokenizer, so the directory is self-contained
+    optimizer.pt                     AdamW moments and step counts
+    state.pt                         loader position, loss-scaler state, RNG states (python, numpy, torch, cuda)
+    trainer_state.json               step, tokens seen, elapsed time, and the TrainConfig
+
+Atomicity: everything is written into `step_000500.tmp/`, fsynced, then renamed in one
+`os.replace` (atomic on POSIX), and only then is the `latest` pointer file swapped the same way.
+A crash at any moment therefore leaves `latest` naming a complete checkpoint; a half-written
+`.tmp` directory is ignored and removed on resume.
+
+Loading never unpickles arbitrary objects: weights come from safetensors, metadata from JSON, and
+the two .pt files are read with `torch.load(weights_only=True)` (tensors and plain containers only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# --- RNG state: everything that could make two runs differ after the same step ---
+
+
+def rng_state() -> dict[str, Any]:
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        # python and numpy states are converted to tensors/ints so weights_only loading accepts them
+        "python": (version, torch.tensor(mt_state, dtype=torch.int64), gauss),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- durable writes ---
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root, so the rename below publishes data that is on disk."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --- save ---
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: Any,
+    trainer_state: dict[str, Any],
+    tokenizer: Any = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write `root/step_XXXXXX/` atomically, point `root/latest` at it, drop all but the last `keep_last`.
+
+    `trainer_state` must hold "step"; it is stored as JSON with whatever else it carries.
+    `loader` needs `state_dict()`; `tokenizer`, if given, needs `save(dir)`.
+    """
+    step = int(trainer_state["step"])
+    final = root / checkpoint_name(step)
+    tmp = root / (final.name + ".tmp")
+    if tmp.exists():  # left by a crash mid-write; never referenced by `latest`
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"loader": loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+
+    _fsync_tree(tmp)
+    os.replace(tmp, final)  # the commit point for the directory...
+    _fsync_dir(root)
+    atomic_write_text(root / "latest", final.name + "\n")  # ...and for resume
+
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under root, oldest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names, or None if there is none yet."""
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "trainer_state.json").exists():
+        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete; point it at one of "
+                         f"{[p.name for p in list_checkpoints(root)]} or start a fresh --out.")
+    return path
+
+
+def discard_newer(root: Path, step: int) -> None:
+    """Before resuming from `step`: remove checkpoints past `step` and any debris of interrupted writes.
+
+    Checkpoints past `step` belong to the interrupted timeline (a crash between the rename and the
+    `latest` update leaves a complete but unreferenced newer directory); the resumed run rewrites
+    them identically. Debris is everything else that is not `latest`: `.tmp` directories, and the
+    hidden temp directories `save_pretrained` swaps through.
+    """
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if p.name != "latest" and (m is None or int(m.group(1)) > step):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# --- load ---
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: Any,
+) -> dict[str, Any]:
+    """Restore the training state `save_checkpoint` wrote; return the trainer_state dict.
+
+    The model itself is `deepsail.model.from_pretrained(path)`: build the optimizer on it, then call this.
+    """
+    device = optimizer.param_groups[0]["params"][0].device
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    loader.load_state_dict(state["loader"])
+    if state["scaler"]:  # empty when saved without fp16; a resume may switch precision
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,393 @@
+"""The trainer: optimization pieces on a tiny model, then whole runs on a tiny tokenized corpus (CPU, seconds)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from deepsail.model import ModelConfig, Transformer, from_pretrained
+from deepsail.train import (
+    TrainConfig,
+    build_optimizer,
+    decay_progress,
+    evaluate,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_at,
+    make_scaler,
+    pretrain,
+    resolve_precision,
+    save_checkpoint,
+    token_byte_lengths,
+    train,
+)
+from deepsail.train.precision import cpu_has_amx
+from deepsail.train.trainer import forward_backward, optimizer_step
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset("deepseek-v3-debug"))
+
+
+def random_batch(B: int, T: int = 32, vocab: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (B, T + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A real tokenized folder: a 512-token BPE and ~300 kB of the embedded corpus, as `deepsail data prepare` makes it."""
+    from deepsail.data.corpus import default_corpus
+    from deepsail.data.prepare import prepare
+    from deepsail.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    tok = Tokenizer.train([d.text for d in default_corpus("train", max_bytes=300_000)], vocab_size=512)
+    tok.save(root / "tokenizer")
+    prepare(None, root / "tokenizer", root / "data", max_bytes=300_000, progress=False)
+    return root / "data"
+
+
+def run_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
+    fields = dict(data=str(data_dir), out=str(out), tokenizer=str(data_dir.parent / "tokenizer"), steps=12,
+                  batch_size=4, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=3, precision="fp32",
+                  eval_every=6, eval_batches=2, log_every=3, ckpt_every=4, keep_last=2)
+    return TrainConfig(**(fields | overrides))
+
+
+# --- optimization pieces -----------------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_on_a_repeated_batch():
+    model = tiny_model()
+    cfg = TrainConfig(lr=3e-3, warmup_steps=0, weight_decay=0.0)
+    optimizer, scaler = build_optimizer(model, cfg), make_scaler(CPU, "fp32")
+    batch = random_batch(4)
+    losses = []
+    for _ in range(40):
+        losses.append(forward_backward(model, [batch], CPU, "fp32", scaler)["lm_loss"].item())
+        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        model.update_balance_bias(cfg.bias_update_rate)
+    assert losses[0] > math.log(512) - 0.5  # starts near uniform over the vocabulary
+    assert losses[-1] < 0.5 * losses[0], losses  # and memorizes the batch
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    x, y = random_batch(4)
+    grads = []
+    for micro in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])]):
+        model = tiny_model()
+        losses = forward_backward(model, micro, CPU, "fp32", make_scaler(CPU, "fp32"))
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses["loss"]))
+    (big, big_loss), (accum, accum_loss) = grads
+    assert big.keys() == accum.keys() and len(big) > 10
+    torch.testing.assert_close(accum_loss, big_loss, rtol=1e-5, atol=1e-6)
+    for name in big:
+        torch.testing.assert_close(accum[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_grads():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.activation_checkpointing = checkpointing
+        forward_backward(model, [random_batch(2)], CPU, "fp32", make_scaler(CPU, "fp32"))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = tiny_model()
+    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.embed_tokens.weight) in no_decay_ids
+    assert all(id(p) in no_decay_ids for n, p in model.named_parameters() if "norm" in n)
+    assert all(p.ndim >= 2 for p in decay["params"]) and len(decay["params"]) > 10
+
+
+def test_fp16_scaler_skips_the_step_and_halves_the_scale_on_inf_grads():
+    model = tiny_model()
+    optimizer, scaler = build_optimizer(model, TrainConfig()), make_scaler(CPU, "fp16")
+    scale = scaler.get_scale()
+    forward_backward(model, [random_batch(2)], CPU, "fp16", scaler)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.layers[0].self_attn.o_proj.weight.grad[0, 0] = float("inf")
+    optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    assert scaler.get_scale() == scale / 2
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a step with inf grads must be skipped"
+    # AdamW's moments and step count untouched too (the fused kernel creates zero state and reverts its step)
+    assert all(float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+               for st in optimizer.state.values())
+
+    # A clean step then goes through at the halved scale.
+    forward_backward(model, [random_batch(2)], CPU, "fp16", scaler)
+    optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    assert scaler.get_scale() == scale / 2
+    assert not torch.equal(model.layers[0].self_attn.o_proj.weight, before["layers.0.self_attn.o_proj.weight"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=110)
+    lrs = [lr_at(s, decay_progress(s, 0.0, cfg), cfg) for s in range(cfg.steps + 1)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup, step 0 already learns
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5.5e-4)  # cosine midpoint
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[110] == pytest.approx(1e-4)
+    # A time budget decays over wall clock instead: half the budget spent = cosine midpoint.
+    timed = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=None, max_minutes=2.0)
+    assert lr_at(500, decay_progress(500, 60.0, timed), timed) == pytest.approx(5.5e-4)
+
+
+def test_auto_precision_is_bf16_on_amx_cpus():
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_amx() else "fp32")
+    assert resolve_precision("fp16", CPU) == "fp16"
+
+
+def test_config_rejects_bad_values_with_the_field_name():
+    with pytest.raises(ValueError, match="steps.*max_minutes|--steps"):
+        TrainConfig(steps=None, max_minutes=None)
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_token_byte_lengths_add_up_to_utf8_bytes(data_dir):
+    from deepsail.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(data_dir.parent / "tokenizer")
+    lengths = token_byte_lengths(tok)
+    text = "déjà vu: naïve café — 東京 🚀\n\tdef f(x): return x ** 2\n"
+    ids = tok.encode(text)
+    assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert int(lengths[tok.eos_id]) == 0 and int(lengths[tok.bos_id]) == 0
+
+
+def test_bits_per_byte_of_a_uniform_model():
+    """A model that spreads its bets evenly pays ln(V) nats on every token: bpb = n_text_tokens * log2(V) / bytes."""
+
+    class Uniform(torch.nn.Module):
+        config = ModelConfig.preset("deepseek-v3-debug")
+
+        def forward(self, x_BT):
+            return SimpleNamespace(logits=torch.zeros(*x_BT.shape, 512))
+
+    y_BT = torch.tensor([[5, 300, 1, 7], [0, 9, 9, -100]])  # two 0-byte specials, one ignored position
+    token_bytes = torch.full((512,), 2)
+    token_bytes[[0, 1]] = 0
+    result = evaluate(Uniform(), [(y_BT, y_BT)], token_bytes, CPU, "fp32")
+    assert result["loss"] == pytest.approx(math.log(512)) and result["tokens"] == 7 and result["bytes"] == 10
+    assert result["bpb"] == pytest.approx(5 * math.log2(512) / 10)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+class CountingLoader:
+    """Stands in for PackedLoader where only state_dict/load_state_dict matter."""
+
+    def __init__(self, position: int = 0):
+        self.position = position
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def test_crash_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    model = tiny_model()
+    optimizer, scaler = build_optimizer(model, TrainConfig()), make_scaler(CPU, "fp32")
+    forward_backward(model, [random_batch(2)], CPU, "fp32", scaler)
+    optimizer_step(model, optimizer, scaler, 1.0)
+    root = tmp_path / "checkpoints"
+    good = save_checkpoint(root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(7),
+                           trainer_state={"step": 1})
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    forward_backward(model, [random_batch(2, seed=1)], CPU, "fp32", scaler)
+    optimizer_step(model, optimizer, scaler, 1.0)
+    real_save = torch.save
+
+    def dies_after_the_first_file(obj, f, *a, **k):  # the process "dies" with the new checkpoint half-written
+        real_save(obj, f, *a, **k)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(torch, "save", dies_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(9),
+                        trainer_state={"step": 2})
+    monkeypatch.undo()
+
+    assert (root / "step_000002.tmp").is_dir() and not (root / "step_000002").exists()
+    assert latest_checkpoint(root) == good
+    restored = from_pretrained(good)
+    for k, v in saved_weights.items():
+        assert torch.equal(restored.state_dict()[k], v), k
+    loader = CountingLoader()
+    fresh = build_optimizer(restored, TrainConfig())
+    state = load_checkpoint(good, optimizer=fresh, scaler=make_scaler(CPU, "fp32"), loader=loader)
+    assert state["step"] == 1 and loader.position == 7 and len(fresh.state) == len(optimizer.state)
+
+
+# --- whole runs ---------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_run_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(run_config(data_dir, out, steps=24, eval_every=12))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in train_rows] == list(range(3, 25, 3))
+    assert [r["step"] for r in val_rows] == [12, 24]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    assert val_rows[-1]["loss"] < val_rows[0]["loss"]
+    assert {"lm_loss", "mtp_loss", "grad_norm", "lr", "tok_per_s", "mfu", "moe_max_load"} <= train_rows[0].keys()
+    assert 0 < val_rows[-1]["bpb"] < 8 and val_rows[-1]["ppl"] == pytest.approx(math.exp(val_rows[-1]["loss"]))
+
+    assert result.step == 24 and result.val_loss == val_rows[-1]["loss"] and result.tok_per_s > 0 and 0 < result.mfu < 1
+    assert json.loads((out / "summary.json").read_text())["step"] == 24
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["train"]["steps"] == 24 and resolved["precision"] == "fp32"
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    # keep_last=2: checkpoints 4..24 were written, the last two remain; each is a complete model folder.
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_000020", "step_000024"] and result.checkpoint.endswith("step_000024")
+    final = Path(result.checkpoint)
+    assert (final / "tokenizer.json").is_file() and (final / "model.safetensors").is_file()
+    from_pretrained(final)
+
+    with pytest.raises(ValueError, match="--resume"):  # never silently overwrite a run
+        train(run_config(data_dir, out, steps=24))
+    # `deepsail pretrain --resume --steps 30`: the saved config is the base, only the flags given change.
+    longer = pretrain(out=str(out), resume=True, steps=30)
+    assert longer.step == 30 and json.loads((out / "config.json").read_text())["train"]["batch_size"] == 4
+
+
+class TickingClock:
+    """Stands in for the trainer's `time` module: every reading advances one second, so a time budget
+    ends after the same steps however busy the machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_time_budget_run(data_dir, tmp_path, monkeypatch):
+    """--minutes alone: the run stops on the clock, and the cosine decays over it."""
+    monkeypatch.setattr("deepsail.train.trainer.time", TickingClock())
+    budget_s = 60.0
+    result = train(run_config(data_dir, tmp_path / "run", steps=None, max_minutes=budget_s / 60,
+                              eval_every=0, ckpt_every=0, log_every=1))
+    assert result.step >= 3 and math.isfinite(result.val_loss)
+    # The last step ends within the budget (it stops before a step that would overrun); the final
+    # eval and checkpoint come after it.
+    at_last_step = json.loads((Path(result.checkpoint) / "trainer_state.json").read_text())["elapsed_s"]
+    assert budget_s - 15 < at_last_step <= budget_s
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["split"] == "train"]
+    assert lrs[-1] < 0.5 * max(lrs)  # the cosine decayed over the clock, not over steps
+
+
+# Every segment runs in a fresh interpreter, so no state left by other tests (thread counts, backend
+# flags) can make the runs differ; only the kill and the resume can.
+RUN = """
+import json, sys
+from deepsail.train import TrainConfig, train
+train(TrainConfig(**json.loads(sys.argv[1])), resume=sys.argv[2] == "resume")
+"""
+
+
+def start_run(cfg: TrainConfig, resume: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(cfg.to_dict()), "resume" if resume else "fresh"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(child: subprocess.Popen) -> None:
+    _, stderr = child.communicate(timeout=600)
+    assert child.returncode == 0, stderr.decode()[-3000:]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(out / "checkpoints") / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bitwise_identical(data_dir, tmp_path):
+    settings = dict(steps=16, ckpt_every=1, eval_every=5)
+    finish(start_run(run_config(data_dir, tmp_path / "reference", **settings)))
+
+    # The same run, killed with SIGKILL once it has a few checkpoints, preferably while writing one.
+    out = tmp_path / "killed"
+    cfg = run_config(data_dir, out, **settings)
+    child = start_run(cfg)
+    root, deadline, mid_write = out / "checkpoints", time.time() + 300, False
+    while time.time() < deadline and child.poll() is None:
+        latest = root / "latest"
+        if latest.exists() and latest.read_text().strip() >= "step_000004":
+            mid_write = any(p.name.endswith(".tmp") for p in root.iterdir())
+            if mid_write or latest.read_text().strip() >= "step_000008":
+                break
+        time.sleep(0.0005)
+    child.send_signal(signal.SIGKILL)
+    _, stderr = child.communicate()
+    assert child.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr.decode()[-2000:]}"
+    assert not (out / "summary.json").exists()
+    killed_at = int(latest_checkpoint(root).name.split("_")[1])
+    assert 4 <= killed_at < 16
+
+    finish(start_run(cfg, resume=True))
+    reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["step"] == reference["step"] == 16
+    a, b = final_weights(tmp_path / "reference"), final_weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume (killed at step {killed_at}, mid-write: {mid_write})"
+    assert resumed["val_loss"] == reference["val_loss"]
+    # The metrics file holds each step once: rows the killed run wrote after its checkpoint were dropped.
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 16
+
+
+def test_pretrain_help_lists_the_flags():
+    from deepsail.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--data", "--out", "--model-preset", "--resume", "--steps", "--minutes", "--batch-size",
+                 "--grad-accum", "--precision", "--ckpt-every", "--eval-every", "--bias-update-rate"):
+        assert flag in result.output
+
+
+def test_pretrain_cli_explains_missing_data(tmp_path):
+    from deepsail.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "manifest.json" in result.output
