@@ -106,7 +106,7 @@ def write_report(run_dir: Path, results: dict[str, Any], unigram_bpb: float, sam
         "",
         f"- final checkpoint: `{os.path.relpath(moe.checkpoint, run_dir)}` "
         "(an HF directory: `deepsail generate`, `deepsail serve` and `transformers` load it)",
-        "- metrics: `metrics.jsonl`, `tensorboard/`, `loss.png`; resolved config: `config.json`",
+        "- metrics: `metrics.jsonl`, `tensorboard/`, `loss.png`; resolved config: `run_config.json`",
         "",
     ]
     report = run_dir / "report.md"

@@ -268,7 +268,7 @@ def test_pretrain_run_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
 
     assert result.step == 24 and result.val_loss == val_rows[-1]["loss"] and result.tok_per_s > 0 and 0 < result.mfu < 1
     assert json.loads((out / "summary.json").read_text())["step"] == 24
-    resolved = json.loads((out / "config.json").read_text())
+    resolved = json.loads((out / "run_config.json").read_text())
     assert resolved["train"]["steps"] == 24 and resolved["precision"] == "fp32"
     assert (out / "loss.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
@@ -283,7 +283,7 @@ def test_pretrain_run_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
         train(run_config(data_dir, out, steps=24))
     # `deepsail pretrain --resume --steps 30`: the saved config is the base, only the flags given change.
     longer = pretrain(out=str(out), resume=True, steps=30)
-    assert longer.step == 30 and json.loads((out / "config.json").read_text())["train"]["batch_size"] == 4
+    assert longer.step == 30 and json.loads((out / "run_config.json").read_text())["train"]["batch_size"] == 4
 
 
 class TickingClock:

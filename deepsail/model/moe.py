@@ -59,6 +59,8 @@ class Router(nn.Module):
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its fake kernel accepts bf16 only
+        return False
     if x.device.type == "cuda":  # the CUDA kernel is Hopper+ and bf16 only
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return x.device.type == "cpu"

@@ -6,7 +6,7 @@ One optimizer step, top to bottom:
     MoE balancing-bias update (outside autograd) -> log / eval / checkpoint on their schedules
 
 A run directory after training:
-    config.json        resolved TrainConfig + ModelConfig + device/precision/torch version
+    run_config.json    resolved TrainConfig + ModelConfig + device/precision/torch version
     metrics.jsonl      one row per log/eval step; tensorboard/ holds the same scalars
     loss.png           train and val loss curves
     checkpoints/       step_XXXXXX/ (HF-format model + tokenizer + optimizer/RNG/loader state), latest
@@ -16,7 +16,6 @@ A run directory after training:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -34,6 +33,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from deepsail.errors import exit_on_user_error
 from deepsail.train.checkpoint import discard_newer, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepsail.train.config import TrainConfig
 from deepsail.train.metrics import MetricsLogger, peak_flops
@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, model_config: Any = None, c
         "params": model.num_params(),
         "active_params": model.num_params(active=True),
     }
-    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    (out / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
 
     step_model = torch.compile(model) if cfg.compile else model
     metrics = MetricsLogger(out, resume_step=state["step"] if start_ckpt else None)
@@ -486,7 +486,7 @@ D = TrainConfig  # field defaults below are read off the dataclass, so they are 
 
 def pretrain(
     data: Annotated[str, typer.Option(help="Tokenized data folder, made by `deepsail data prepare`.")] = D.data,
-    out: Annotated[str, typer.Option(help="Run folder: config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/.")] = D.out,
+    out: Annotated[str, typer.Option(help="Run folder: run_config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/.")] = D.out,
     model_preset: Annotated[str, typer.Option(help="Model preset, e.g. deepseek-v3-debug, deepseek-v3-small.")] = D.model_preset,
     resume: Annotated[bool, typer.Option(help="Continue exactly from <out>/checkpoints/latest; flags you set override the saved config.")] = False,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: 1000, or none when --minutes is given).", show_default=False)] = None,
@@ -535,18 +535,4 @@ def pretrain(
     return train(dataclasses.replace(saved, **changed), resume=True)
 
 
-def _exit_on_user_error(fn):
-    """For the CLI: a ValueError (a user error, already explained) prints one line instead of a traceback."""
-
-    @functools.wraps(fn)
-    def verb(*args, **kwargs):
-        try:
-            fn(*args, **kwargs)
-        except ValueError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1)
-
-    return verb
-
-
-pretrain_command = _exit_on_user_error(pretrain)
+pretrain_command = exit_on_user_error(pretrain)
