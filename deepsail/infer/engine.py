@@ -1,0 +1,603 @@
+"""Continuous batching: requests join and leave the running batch at every step, over a paged KV cache.
+
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=32, kv_budget_bytes=2 << 30))
+    engine.start()                                        # the step loop runs in a background thread
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7))
+    async for ev in handle.stream(): ...                  # or handle.result(timeout) from plain threads
+    engine.shutdown(drain_timeout=30)
+
+One step (`Engine.step`):
+1. take in new submissions and cancellations;
+2. schedule: every running request, oldest first, gets its next tokens — the next prefill chunk of a new or
+   recomputing request, or the one token a decoding request sampled last step — under a per-step token budget.
+   Its KV blocks grow on demand; when the pool is out of blocks the *newest* running request is preempted (its
+   blocks freed, and it goes back to the front of the queue to be recomputed later) rather than failing anyone.
+   Then waiting requests are admitted, first come first served, while the batch has room and the pool has free
+   blocks for the whole prompt;
+3. one forward pass over the right-padded batch with `last_logits_only=True`;
+4. every row that has now seen all its tokens samples one, with its own SamplingParams; finished requests free
+   their blocks at once.
+
+Memory: one `KVPool` of fixed-size blocks, sized from a byte budget or a block count. `BlockAllocator` keeps
+refcounts. Prefix reuse: a block that is full is registered under the hash of its token chain (its own tokens
+plus the hash of everything before it), so a later request whose prompt starts with the same full blocks
+points its block table at them instead of recomputing. A freed registered block keeps its contents and stays
+findable until the allocator needs it back (least recently freed first).
+
+Python work per step is O(batch) plus the tokens fed; nothing loops over the vocabulary. The engine thread owns
+all scheduling state; other threads only submit, cancel and read results through locks and queues, and async
+consumers are woken with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepsail.infer.sampling import (
+    FINISH_ABORT,
+    DecodeState,
+    SamplingParams,
+    StreamEvent,
+    default_stop_ids,
+    sample_states,
+)
+from deepsail.model import KVCache, KVPool, Transformer
+
+__all__ = ["Engine", "EngineClosed", "EngineConfig", "QueueFull", "RequestHandle", "SamplingParams", "StreamEvent"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at `EngineConfig.max_waiting`; retry later (an HTTP server answers 429)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and admits no new requests (an HTTP server answers 503)."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 32  # running requests per step
+    num_blocks: int | None = None  # KV pool size in blocks; else derived from kv_budget_bytes
+    kv_budget_bytes: int | None = None  # default: room for max_batch_size full-length requests, capped (see below)
+    block_size: int = 16  # tokens per KV block
+    max_waiting: int = 256  # queued requests beyond which submit raises QueueFull
+    max_model_len: int | None = None  # prompt + max_tokens limit; default the model's max_position_embeddings
+    # Tokens computed per step: one per decoding request plus prefill chunks. Rows are right-padded to the longest
+    # row, so this also bounds the padding a long prefill imposes on the decoding rows beside it.
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    recent_samples: int = 1024  # how many recent TTFT / inter-token latencies `stats()` returns
+
+
+# --- KV blocks -------------------------------------------------------------------------------------------------------
+BlockKey = tuple[int, tuple[int, ...]]  # (hash of the chain before this block, this block's tokens)
+
+
+class BlockAllocator:
+    """Refcounted block ids, plus the prefix cache: full blocks findable by the hash of their token chain.
+
+    A block is in exactly one of three places: in use (refcount > 0), free (no contents worth keeping), or
+    evictable (refcount 0 but registered, so a later prompt may still reuse it; reclaimed LRU-first)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.refs = [0] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # oldest-freed first
+        self.key_of: dict[int, BlockKey] = {}
+        self.block_of: dict[BlockKey, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def allocate(self) -> int:
+        """A block with refcount 1. The caller checks `num_free` first."""
+        if self.free:
+            block = self.free.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.block_of[self.key_of.pop(block)]
+        self.refs[block] = 1
+        return block
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        assert self.refs[block] >= 0, f"block {block} released more often than taken"
+        if self.refs[block] == 0:
+            if block in self.key_of:
+                self.evictable[block] = None
+            else:
+                self.free.append(block)
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """The cached block holding this chain, with a reference taken; None on a miss."""
+        block = self.block_of.get(key)
+        if block is None:
+            return None
+        if self.refs[block] == 0:
+            del self.evictable[block]
+        self.refs[block] += 1
+        return block
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """Make a full block findable. If an identical block is registered already, keep that one."""
+        if key not in self.block_of and block not in self.key_of:
+            self.block_of[key], self.key_of[block] = block, key
+
+
+# --- requests and their handles ---------------------------------------------------------------------------------------
+class RequestHandle:
+    """What `Engine.submit` returns: stream the tokens, wait for the result, or cancel."""
+
+    def __init__(self, engine: Engine, request_id: int, state: DecodeState) -> None:
+        self.request_id = request_id
+        self._engine, self._state = engine, state
+        self._cond = threading.Condition()
+        self._events: list[StreamEvent] = []
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self._error: BaseException | None = None
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        # Timings (time.monotonic seconds) for the server's own histograms.
+        self.metrics: dict[str, float | None] = {"arrival": time.monotonic(), "first_token": None, "finished": None}
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self._error is not None
+
+    # called from the engine thread
+    def _push(self, event: StreamEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+            self._cond.notify_all()
+            if self._async is not None:
+                self._call_soon(event)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+            if self._async is not None:
+                self._call_soon(error)
+
+    def _call_soon(self, item: StreamEvent | BaseException) -> None:
+        loop, queue = self._async
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
+
+    # consumers
+    async def stream(self) -> AsyncIterator[StreamEvent]:
+        """Events as they are produced (one consumer per handle). Ends after the event with a finish_reason."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._cond:
+            backlog, error = list(self._events), self._error
+            self._async = (asyncio.get_running_loop(), queue)
+        for event in backlog:
+            yield event
+            if event.finish_reason is not None:
+                return
+        if error is not None:
+            raise error
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Blocking iterator over the events (for threads and terminals); `timeout` bounds each wait."""
+        i = 0
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda i=i: i < len(self._events) or self._error is not None, timeout):
+                    raise TimeoutError(f"request {self.request_id}: no token within {timeout}s")
+                if i >= len(self._events):
+                    raise self._error
+                event = self._events[i]
+            i += 1
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> tuple[str, list[int], str, dict[str, int]]:
+        """Block until finished: (text, token_ids, finish_reason, usage)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"request {self.request_id} not finished within {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._state.text, list(self._state.output_ids), self.finish_reason, dict(self.usage or {})
+
+    def cancel(self) -> None:
+        """Stop generating; the request's blocks are freed within one step and its stream ends with "abort"."""
+        self._engine._cancel(self.request_id)
+
+
+class _Request:
+    """The engine thread's view of a request."""
+
+    def __init__(self, request_id: int, prompt_ids: list[int], state: DecodeState, handle: RequestHandle) -> None:
+        self.id = request_id
+        self.prompt_len = len(prompt_ids)
+        self.tokens = list(prompt_ids)  # prompt + output: what the KV cache must hold
+        self.state, self.handle = state, handle
+        self.blocks: list[int] = []  # block table row
+        self.hashes: list[int] = []  # chain hash of each full block computed so far
+        self.num_computed = 0  # tokens whose KV entries are in the cache
+        self.cached_tokens: int | None = None  # prefix-cache hits at first admission (usage.cached_tokens)
+        self.last_token_time: float | None = None
+
+
+# --- the engine -------------------------------------------------------------------------------------------------------
+class Engine:
+    """The continuous-batching engine. Thread-safe API: `submit`, `RequestHandle.stream/result/cancel`, `stats`,
+    `shutdown`; the step loop runs in `start()`'s thread, or in the caller with `step()` / `run_until_idle()`."""
+
+    def __init__(self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = cfg = config or EngineConfig()
+        c = model.config
+        self.max_model_len = cfg.max_model_len or c.max_position_embeddings
+        if self.max_model_len > c.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{c.max_position_embeddings}")
+        if cfg.max_batch_size < 1 or cfg.block_size < 1 or cfg.max_num_batched_tokens < cfg.max_batch_size:
+            raise ValueError(f"need max_batch_size >= 1, block_size >= 1 and max_num_batched_tokens >= max_batch_size, "
+                             f"got {cfg.max_batch_size}, {cfg.block_size}, {cfg.max_num_batched_tokens}")
+        weight = model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.pool = KVPool(c, self._num_blocks(), cfg.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(self.pool.num_blocks)
+        self.eos_ids = default_stop_ids(c, tokenizer)
+
+        self.running: list[_Request] = []  # admission order: oldest first, newest (first to be preempted) last
+        self.waiting: deque[_Request] = deque()
+        self._by_id: dict[int, _Request] = {}
+        self._inbox: deque[_Request] = deque()  # submitted by other threads, taken in at the next step
+        self._cancels: deque[int] = deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+
+        self.counters = dict(preemptions=0, prefix_hits=0, prefix_queries=0, requests_finished=0,
+                             requests_aborted=0, prompt_tokens=0, generation_tokens=0, steps=0,
+                             ttft_count=0, ttft_sum=0.0, itl_count=0, itl_sum=0.0)
+        self._ttft: deque[float] = deque(maxlen=cfg.recent_samples)
+        self._itl: deque[float] = deque(maxlen=cfg.recent_samples)
+
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        probe = KVPool(self.model.config, 1, cfg.block_size, self.dtype, "meta")  # measures, allocates nothing
+        bytes_per_block = probe.bytes_per_token * cfg.block_size
+        if cfg.num_blocks is not None:
+            n = cfg.num_blocks
+        else:
+            budget = cfg.kv_budget_bytes
+            if budget is None:
+                # Room for every slot of the batch at full length, but never more than a quarter of free GPU
+                # memory (the weights and activations need the rest) or 2 GiB of host RAM.
+                want = cfg.max_batch_size * self.max_model_len * bytes_per_block // cfg.block_size
+                if self.device.type == "cuda":
+                    cap = torch.cuda.mem_get_info(self.device)[0] // 4
+                else:
+                    cap = 2 << 30
+                budget = min(want, cap)
+            n = budget // bytes_per_block
+        if n < 1:
+            raise ValueError(f"the KV budget holds no block: one block of {cfg.block_size} tokens takes "
+                             f"{bytes_per_block} bytes; raise kv_budget_bytes / num_blocks")
+        return n
+
+    # --- the public API (any thread) ---------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request. Raises ValueError if it can never run, QueueFull if the queue is full,
+        EngineClosed after shutdown began."""
+        params = params or SamplingParams()
+        if not self._accepting:
+            raise EngineClosed("the engine is shutting down and takes no new requests")
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt: generation needs at least one token to condition on")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                             f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens")
+        blocks = -(-total // self.config.block_size)
+        if blocks > self.pool.num_blocks:
+            raise ValueError(f"prompt + max_tokens = {total} tokens needs {blocks} KV blocks, but the whole pool has "
+                             f"{self.pool.num_blocks}; raise kv_budget_bytes / num_blocks or lower max_tokens")
+        state = DecodeState(prompt, params, self.tokenizer, self.eos_ids)  # may raise ValueError (bad stop rules)
+        with self._lock:
+            if len(self._inbox) + len(self.waiting) >= self.config.max_waiting:
+                raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
+            rid = next(self._ids)
+            handle = RequestHandle(self, rid, state)
+            self._inbox.append(_Request(rid, prompt, state, handle))
+        self._wake.set()
+        return handle
+
+    def _cancel(self, request_id: int) -> None:
+        self._cancels.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges, counters and recent latency samples (seconds) for a metrics endpoint."""
+        with self._lock:
+            waiting = len(self.waiting) + len(self._inbox)
+        a = self.allocator
+        return dict(
+            running=len(self.running), waiting=waiting,
+            kv_blocks_used=a.num_used, kv_blocks_total=a.num_blocks, kv_blocks_cached=len(a.evictable),
+            kv_usage=a.num_used / a.num_blocks, block_size=self.config.block_size,
+            **self.counters, ttft_seconds=list(self._ttft), itl_seconds=list(self._itl),
+        )
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._inbox or self._cancels)
+
+    def start(self) -> Engine:
+        """Run the step loop in a background thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="deepsail-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def run_until_idle(self, max_steps: int | None = None) -> None:
+        """Step in the calling thread until every request is done (offline use and tests; not with start())."""
+        assert self._thread is None, "the background thread is stepping already"
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not self.has_work:
+                return
+            self.step()
+
+    def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let accepted requests finish for up to `drain_timeout` seconds, abort the rest, stop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self.has_work and time.monotonic() < deadline:
+            if self._thread is not None:
+                time.sleep(0.005)
+            else:
+                self.step()
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            left = list(self.running) + list(self.waiting) + list(self._inbox)
+            self.waiting.clear()
+            self._inbox.clear()
+        for req in left:
+            self._finish(req)
+
+    # --- the step loop (engine thread) -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                busy = self.step()
+            except Exception as e:  # a failed forward fails the requests in flight, not the server
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(e)
+                busy = False
+            if not busy:
+                self._wake.wait(0.1)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            reqs = list(self.running) + list(self.waiting) + list(self._inbox)
+            self.running.clear()
+            self.waiting.clear()
+            self._inbox.clear()
+        for req in reqs:
+            self._free(req)
+            self._by_id.pop(req.id, None)
+            req.handle._fail(error)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduling round and forward pass. Returns False when there was nothing to do."""
+        self._take_in()
+        batch = self._schedule()
+        if not batch:
+            return False
+        self.counters["steps"] += 1
+        T = max(n for _, n in batch)
+        width = max(len(r.blocks) for r, _ in batch)
+        ids = [r.tokens[r.num_computed : r.num_computed + n] + [0] * (T - n) for r, n in batch]
+        table = [r.blocks + [-1] * (width - len(r.blocks)) for r, _ in batch]
+        dev = self.device
+        cache = KVCache(self.pool, torch.tensor(table, device=dev),
+                        torch.tensor([r.num_computed for r, _ in batch], device=dev))
+        logits = self.model(torch.tensor(ids, device=dev), cache=cache,
+                            input_lens=torch.tensor([n for _, n in batch], device=dev),
+                            last_logits_only=True).logits[:, 0]
+
+        ready = []
+        for i, (req, n) in enumerate(batch):
+            req.num_computed += n
+            if self.config.enable_prefix_caching:
+                self._register_full_blocks(req)
+            if req.num_computed == len(req.tokens):  # the last chunk: this row's logits are the next token's
+                ready.append(i)
+        if not ready:
+            return True
+        events = sample_states(logits[torch.tensor(ready, device=dev)], [batch[i][0].state for i in ready])
+        now = time.monotonic()
+        for i, event in zip(ready, events):
+            req = batch[i][0]
+            req.tokens.append(event.token_id)
+            self.counters["generation_tokens"] += 1
+            if req.last_token_time is None:
+                ttft = now - req.handle.metrics["arrival"]
+                req.handle.metrics["first_token"] = now
+                self._ttft.append(ttft)
+                self.counters["ttft_count"] += 1
+                self.counters["ttft_sum"] += ttft
+            else:
+                self._itl.append(now - req.last_token_time)
+                self.counters["itl_count"] += 1
+                self.counters["itl_sum"] += now - req.last_token_time
+            req.last_token_time = now
+            if event.finish_reason is not None:
+                self._finish(req, event)
+            else:
+                req.handle._push(event)
+        return True
+
+    def _take_in(self) -> None:
+        with self._lock:
+            while self._inbox:
+                req = self._inbox.popleft()
+                self._by_id[req.id] = req
+                self.waiting.append(req)
+        while self._cancels:
+            req = self._by_id.get(self._cancels.popleft())
+            if req is None or req.handle.done:
+                continue
+            with self._lock:
+                if req in self.waiting:
+                    self.waiting.remove(req)
+            self._finish(req)
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        """(request, number of tokens to compute this step) for every row of the next forward."""
+        cfg, bs = self.config, self.config.block_size
+        # Decoding rows (one token each) always fit, since max_num_batched_tokens >= max_batch_size; prefill
+        # chunks share what is left, oldest request first. A long prompt never stalls the decoders beside it.
+        budget = cfg.max_num_batched_tokens - sum(len(r.tokens) - r.num_computed == 1 for r in self.running)
+        batch: list[tuple[_Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            remaining = len(req.tokens) - req.num_computed
+            n = 1 if remaining == 1 else min(remaining, budget)
+            if n == 0:  # a prefill with no budget left this step
+                i += 1
+                continue
+            need = -(-(req.num_computed + n) // bs) - len(req.blocks)
+            if need > self.allocator.num_free:
+                # Out of KV blocks: the newest request gives its blocks back and will be recomputed later
+                # (possibly this one, which ends the loop).
+                self._preempt(self.running[-1])
+                preempted = True
+                continue
+            req.blocks += [self.allocator.allocate() for _ in range(need)]
+            batch.append((req, n))
+            if remaining > 1:
+                budget -= n
+            i += 1
+        # Admit waiting requests (not in a step that had to preempt: there is no room to grow into).
+        while self.waiting and not preempted and budget > 0 and len(self.running) < cfg.max_batch_size:
+            req = self.waiting[0]
+            hit, hashes = self._match_prefix(req)
+            need = -(-len(req.tokens) // bs) - len(hit)
+            if need > self.allocator.num_free:  # admission control: the whole prompt must fit now
+                for block in reversed(hit):
+                    self.allocator.release(block)
+                break
+            with self._lock:
+                self.waiting.popleft()
+            req.blocks = hit + [self.allocator.allocate() for _ in range(need)]
+            req.hashes, req.num_computed = hashes, len(hit) * bs
+            if cfg.enable_prefix_caching:
+                self.counters["prefix_queries"] += len(req.tokens)
+                self.counters["prefix_hits"] += req.num_computed
+            if req.cached_tokens is None:  # first admission (not a readmission after preemption)
+                req.cached_tokens = min(req.num_computed, req.prompt_len)
+                self.counters["prompt_tokens"] += req.prompt_len
+            self.running.append(req)
+            n = min(len(req.tokens) - req.num_computed, budget)
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    def _match_prefix(self, req: _Request) -> tuple[list[int], list[int]]:
+        """Cached blocks for the longest run of req's full leading blocks, and their chain hashes. At least one
+        token is always left to compute: its logits are where sampling starts."""
+        if not self.config.enable_prefix_caching:
+            return [], []
+        bs = self.config.block_size
+        blocks, hashes, h = [], [], 0
+        for j in range((len(req.tokens) - 1) // bs):
+            key = (h, tuple(req.tokens[j * bs : (j + 1) * bs]))
+            block = self.allocator.lookup(key)
+            if block is None:
+                break
+            h = hash(key)
+            blocks.append(block)
+            hashes.append(h)
+        return blocks, hashes
+
+    def _register_full_blocks(self, req: _Request) -> None:
+        bs = self.config.block_size
+        while len(req.hashes) < req.num_computed // bs:
+            j = len(req.hashes)
+            key = (req.hashes[-1] if req.hashes else 0, tuple(req.tokens[j * bs : (j + 1) * bs]))
+            self.allocator.register(req.blocks[j], key)
+            req.hashes.append(hash(key))
+
+    def _preempt(self, req: _Request) -> None:
+        self.running.remove(req)
+        self._free(req)
+        req.num_computed, req.hashes = 0, []
+        with self._lock:
+            self.waiting.appendleft(req)
+        self.counters["preemptions"] += 1
+
+    def _free(self, req: _Request) -> None:
+        # Tail blocks first, so the evictable LRU gives up a sequence's end before its (more shareable) start.
+        for block in reversed(req.blocks):
+            self.allocator.release(block)
+        req.blocks = []
+
+    def _finish(self, req: _Request, last: StreamEvent | None = None) -> None:
+        """End a request: free its blocks, set usage, push its last event (`last`, or an "abort" event)."""
+        if req in self.running:
+            self.running.remove(req)
+        self._free(req)
+        self._by_id.pop(req.id, None)
+        state, handle = req.state, req.handle
+        # usage is set before the last event is pushed, so a consumer that sees the finish can read it
+        handle.usage = dict(prompt_tokens=req.prompt_len, completion_tokens=len(state.output_ids),
+                            total_tokens=req.prompt_len + len(state.output_ids), cached_tokens=req.cached_tokens or 0)
+        handle.metrics["finished"] = time.monotonic()
+        if last is None:
+            self.counters["requests_aborted"] += 1
+            state.finish_reason = FINISH_ABORT
+            last = StreamEvent(None, state.text_tracker.flush(), finish_reason=FINISH_ABORT)
+        else:
+            self.counters["requests_finished"] += 1
+        handle._push(last)
