@@ -270,7 +270,7 @@ class Engine:
                              f"got {cfg.max_batch_size}, {cfg.block_size}, {cfg.max_num_batched_tokens}")
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.pool = KVPool(c, self._num_blocks(), cfg.block_size, self.dtype, self.device)
+        self.pool = KVPool(c, self._num_blocks(), cfg.block_size, self.dtype, self.device, include_mtp=False)
         self.allocator = BlockAllocator(self.pool.num_blocks)
         self.eos_ids = default_stop_ids(c, tokenizer)
 
@@ -293,7 +293,7 @@ class Engine:
 
     def _num_blocks(self) -> int:
         cfg = self.config
-        probe = KVPool(self.model.config, 1, cfg.block_size, self.dtype, "meta")  # measures, allocates nothing
+        probe = KVPool(self.model.config, 1, cfg.block_size, self.dtype, "meta", include_mtp=False)  # measures, allocates nothing
         bytes_per_block = probe.bytes_per_token * cfg.block_size
         if cfg.num_blocks is not None:
             n = cfg.num_blocks

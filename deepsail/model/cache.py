@@ -29,11 +29,13 @@ class KVPool:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        include_mtp: bool = True,
     ) -> None:
+        """`include_mtp=False` leaves out the MTP layers' slots, for engines that never draft with them."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KVPool needs positive num_blocks and block_size, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.num_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        self.num_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if include_mtp else 0)
         slots = num_blocks * block_size
         if config.attention_type == "mla":
             width = (config.kv_lora_rank + config.qk_rope_head_dim,)
