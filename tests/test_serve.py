@@ -1,0 +1,418 @@
+"""`deepsail serve`: a live uvicorn server on loopback in front of the real engine, on a tiny random model.
+
+Clients are the ones users run: the official `openai` package, httpx (sync and async), and schemathesis fuzzing
+the OpenAPI schema. One subprocess test runs the real CLI and sends it SIGTERM mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from typer.testing import CliRunner
+
+from deepsail.cli import app as cli_app
+from deepsail.data import Tokenizer, default_corpus
+from deepsail.model import ModelConfig, Transformer
+from deepsail.serve import ServerConfig, create_app, load_served
+
+MAX_LEN = 512  # the debug preset's context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The server's event loop, the engine thread and torch's intra-op threads share 2 CPU cores in CI: with
+    2 intra-op threads, a step waits for whichever thread the OS descheduled (decode gets 10-50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    Transformer(ModelConfig.preset("deepseek-v3-debug")).save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ran out of pairs to merge" on this little text is fine
+        Tokenizer.train([d.text for d in default_corpus("train", max_bytes=100_000)], vocab_size=512).save(folder)
+    return folder
+
+
+class Live:
+    """uvicorn on 127.0.0.1 in a background thread, on a socket bound here (port 0: no race for a free port)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+
+    @property
+    def engine(self):
+        return self.app.state.deepsail.served.engine
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while httpx.get(f"{self.url}/health").status_code != 200:
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def _serve(model_dir: Path, config: ServerConfig | None = None, **engine) -> Live:
+    live = Live(create_app(lambda: load_served(model_dir, **engine), config))
+    live.wait_ready()
+    return live
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    live = _serve(model_dir, max_batch_size=8, max_waiting=64, max_model_len=MAX_LEN)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def _wait_for(predicate, timeout: float) -> float:
+    """Seconds until predicate() held; fails after timeout."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, f"condition not met within {timeout}s"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+# --- the OpenAI API through the official client ------------------------------------------------------------------
+def test_openai_client_chat_stream_and_completions(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.prompt_tokens > 0 and 1 <= chat.usage.completion_tokens <= 8
+
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert text == chat.choices[0].message.content  # greedy: streaming and not give the same text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    comp = client.completions.create(model="tiny", prompt="def fib(n):", max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert comp.object == "text_completion" and comp.usage.completion_tokens == 6
+    assert comp.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="def fib(n):", max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert streamed == comp.choices[0].text
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id == chat.model == comp.model
+
+
+def test_completions_n_stop_echo_logprobs(client):
+    out = client.completions.create(model="tiny", prompt=["a = 1", "b = 2"], n=2, max_tokens=5, temperature=1,
+                                    seed=3, logprobs=2, echo=True, stop=["\n", "zz"],
+                                    extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.choices[0].text != out.choices[1].text or out.choices[0].logprobs != out.choices[1].logprobs
+    for c in out.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+        assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+    for c in out.choices:  # echo, then no stop string in what was generated
+        prompt = "a = 1" if c.index < 2 else "b = 2"
+        assert c.text.startswith(prompt) and "\n" not in c.text[len(prompt):] and "zz" not in c.text
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+                                         logprobs=True, top_logprobs=3, temperature=0)
+    content = out.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)  # greedy picks the top token
+
+
+def test_generate_endpoint(server):
+    r = httpx.post(f"{server.url}/generate", json={"prompt": "import os", "max_tokens": 5, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"text", "finish_reason", "usage"} and body["usage"]["completion_tokens"] == 5
+
+
+# --- validation: 400 with OpenAI's error body, never FastAPI's 422 -------------------------------------------------
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 1000}, "n"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [9999]}, "prompt"),  # out of the vocabulary
+    ({"max_tokens": 3}, "prompt"),
+])
+def test_invalid_requests_are_400(server, body, param):
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert (err["param"] or "").startswith(param), err
+
+
+def test_bad_json_and_chat_roles_are_400(server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+
+
+def test_prompt_over_context_is_400_naming_both_numbers(server):
+    prompt = [10] * 500
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 100})
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert str(MAX_LEN) in msg and "600" in msg and "500" in msg and "100" in msg, msg
+    # chat with no max_tokens takes what the context leaves; a prompt that fills it is an error too
+    r = httpx.post(f"{server.url}/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "hello " * 600}]})
+    assert r.status_code == 400 and str(MAX_LEN) in r.json()["error"]["message"]
+
+
+def test_body_too_large_is_413(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x" * (9 << 20)})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+# --- health while loading, API keys ---------------------------------------------------------------------------------
+def test_health_503_while_loading_then_200_and_api_keys(model_dir):
+    release = threading.Event()
+
+    def slow_load():
+        assert release.wait(30)
+        return load_served(model_dir, max_model_len=64)
+
+    live = Live(create_app(slow_load, ServerConfig(api_key="s3cret")))
+    try:
+        r = httpx.get(f"{live.url}/health")
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 503
+        release.set()
+        live.wait_ready()
+        assert httpx.get(f"{live.url}/health").status_code == 200  # open without a key
+        body = {"prompt": "hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer s3cre"},
+                        {"Authorization": "Bearer s3crét".encode("latin-1")}):
+            for path in ("/v1/completions", "/metrics", "/v1/models"):
+                r = httpx.request("POST" if path == "/v1/completions" else "GET", f"{live.url}{path}",
+                                  json=body if path == "/v1/completions" else None, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert r.json()["error"]["type"] == "authentication_error"
+        ok = httpx.post(f"{live.url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{live.url}/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{live.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        release.set()
+        live.close()
+
+
+# --- overload, disconnects, determinism -----------------------------------------------------------------------------
+def test_full_queue_is_429_with_retry_after(model_dir):
+    live = _serve(model_dir, max_batch_size=1, max_waiting=2, max_model_len=128)
+    try:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+                body = {"prompt": "x = ", "max_tokens": 30, "ignore_eos": True}
+                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(10)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert set(codes) == {200, 429} and codes.count(200) >= 3, codes
+        rejected = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+        assert int(rejected.headers["Retry-After"]) >= 1
+        assert rejected.json()["error"]["message"]
+    finally:
+        live.close()
+
+
+def test_disconnect_cancels_and_frees_blocks_within_1s(server):
+    engine = server.engine
+    aborted = engine.stats()["requests_aborted"]
+    # ~500 tokens would take seconds: freeing within 1 s proves the request was cancelled, not finished.
+    body = {"prompt": "x", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.stats()["kv_blocks_used"] > 0
+    # leaving the block closes the connection mid-stream
+    assert _wait_for(lambda: engine.stats()["kv_blocks_used"] == 0, 1.0) < 1.0
+    assert engine.stats()["requests_aborted"] == aborted + 1
+
+    # Not streaming: the client gives up (timeout closes the socket) while the server is still generating.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body | {"stream": False}, timeout=0.5)
+    assert _wait_for(lambda: engine.stats()["kv_blocks_used"] == 0, 1.0) < 1.0
+    assert engine.stats()["requests_aborted"] == aborted + 2
+
+
+def test_same_seed_same_text_under_concurrent_load(server):
+    seeded = {"prompt": "class Foo:", "max_tokens": 16, "temperature": 1.0, "top_p": 0.95, "seed": 1234,
+              "ignore_eos": True}
+
+    async def run() -> tuple[str, list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            alone = (await c.post("/v1/completions", json=seeded)).json()["choices"][0]["text"]
+            noise = [{"prompt": f"noise {i} " * (i + 1), "max_tokens": 12 + i, "temperature": 1.0,
+                      "ignore_eos": True} for i in range(6)]
+            rs = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in noise + [seeded] * 3))
+            return alone, [r.json()["choices"][0]["text"] for r in rs[len(noise):]]
+
+    alone, loaded = asyncio.run(run())
+    assert loaded == [alone] * 3
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="x", max_tokens=3)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("deepsail_time_to_first_token_seconds_bucket", "deepsail_inter_token_latency_seconds_bucket",
+                 "deepsail_e2e_request_latency_seconds_count", "deepsail_num_requests_running",
+                 "deepsail_num_requests_waiting", "deepsail_kv_cache_usage_perc", "deepsail_generation_tokens_total",
+                 "deepsail_prompt_tokens_total", 'deepsail_requests_total{endpoint="/v1/completions",status="200"}'):
+        assert name in text, name
+
+
+# --- fuzzing the OpenAPI schema ---------------------------------------------------------------------------------------
+def test_schemathesis_fuzz_finds_no_5xx(model_dir):
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    # A short context bounds the work any generated request can ask for.
+    live = _serve(model_dir, max_batch_size=16, max_model_len=48)
+    try:
+        schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+        session = requests.Session()
+        failures: list[str] = []
+        for result in schema.get_all_operations():
+            op = result.ok()
+            # A GET without parameters has nothing to make invalid: negative cases only for bodies.
+            modes = [schemathesis.GenerationMode.POSITIVE]
+            if op.method.upper() == "POST":
+                modes.append(schemathesis.GenerationMode.NEGATIVE)
+            for mode in modes:
+                @settings(max_examples=20, deadline=None, database=None, derandomize=True,
+                          suppress_health_check=list(HealthCheck))
+                @given(case=op.as_strategy(generation_mode=mode))
+                def fuzz(case) -> None:
+                    r = case.call(base_url=live.url, session=session, timeout=30)
+                    if r.status_code >= 500:
+                        failures.append(f"{case.method} {case.path} {r.status_code}: {case.body!r:.300} -> "
+                                        f"{r.text[:300]}")
+
+                fuzz()
+        assert not failures, "\n".join(failures)
+        assert live.engine.stats()["kv_blocks_used"] == 0
+    finally:
+        live.close()
+
+
+def test_serves_a_training_run_folder(model_dir, tmp_path):
+    """A run folder is served from the checkpoint its checkpoints/latest names; the model id is the run's name."""
+    import shutil
+
+    step = tmp_path / "myrun" / "checkpoints" / "step_000010"
+    shutil.copytree(model_dir, step)
+    (step.parent / "latest").write_text("step_000010\n")
+    served = load_served(tmp_path / "myrun", max_model_len=64)
+    try:
+        assert served.model_name == "myrun" and served.max_model_len == 64
+    finally:
+        served.engine.shutdown(1)
+
+
+# --- the CLI --------------------------------------------------------------------------------------------------------
+def test_cli_help():
+    result = CliRunner().invoke(cli_app, ["serve", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--host", "--port", "--api-key", "DEEPSAIL_API_KEY", "--max-batch-size", "--kv-budget",
+                 "--max-waiting", "--drain-timeout"):
+        assert flag in result.output
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, DEEPSAIL_API_KEY="k")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from deepsail.cli import app; app()", "serve", str(model_dir), "--port", str(port),
+         "--drain-timeout", "20", "--max-model-len", "256", "--threads", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: _status(f"{url}/health") == 200, 60)
+        body = {"prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"},
+                          timeout=30) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if len(events) == 2:
+                    proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "data: [DONE]"
+        *chunks, usage = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert usage["usage"]["completion_tokens"] == 120  # it ran to the end after SIGTERM
+        # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is "killed by SIGTERM"
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert _status(f"{url}/health") is None  # no longer listening
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert "Application shutdown complete" in out, out
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
