@@ -199,8 +199,7 @@ def engine_decode_tps(model, tokenizer, ids: list[int], new: int, rounds: int) -
     """Decode tok/s of the engine with one request: 1 / median gap between consecutive tokens."""
     from deepsail.infer.engine import Engine, EngineConfig, SamplingParams
 
-    # A whole number of 16-token blocks: the engine's default KV budget rounds down to blocks.
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=-(-(len(ids) + new) // 16) * 16))
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=len(ids) + new))
     engine.start()
     try:
         gaps = []

@@ -171,3 +171,18 @@ def test_shutdown_drains_in_flight_requests(model, reference):
     handles = [engine.submit(p, GREEDY) for p in PROMPTS]
     engine.shutdown(drain_timeout=60)
     assert [h.result(timeout=0)[1] for h in handles] == reference
+
+
+def test_default_budget_fits_a_full_length_request_of_partial_blocks():
+    """max_model_len not a multiple of block_size: the default pool still holds a full-length request."""
+    import torch
+
+    from deepsail.infer.engine import Engine, EngineConfig, SamplingParams
+    from deepsail.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-3-8b-debug")).eval()
+    engine = Engine(model, None, EngineConfig(max_batch_size=1, block_size=16, max_model_len=20))
+    handle = engine.submit(list(range(1, 11)), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    engine.run_until_idle()
+    assert len(handle.result(timeout=10)[1]) == 10

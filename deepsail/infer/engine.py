@@ -302,7 +302,8 @@ class Engine:
             if budget is None:
                 # Room for every slot of the batch at full length, but never more than a quarter of free GPU
                 # memory (the weights and activations need the rest) or 2 GiB of host RAM.
-                want = cfg.max_batch_size * self.max_model_len * bytes_per_block // cfg.block_size
+                blocks_per_request = -(-self.max_model_len // cfg.block_size)  # a partial last block is a block
+                want = cfg.max_batch_size * blocks_per_request * bytes_per_block
                 if self.device.type == "cuda":
                     cap = torch.cuda.mem_get_info(self.device)[0] // 4
                 else:
