@@ -1,0 +1,73 @@
+"""The main job end to end at test size: `deepsail run` writes a report, a plot and a checkpoint that
+`deepsail generate` samples from; and the README's commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deepsail.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "quick"
+    result = runner.invoke(app, [
+        "run", "--out", str(out), "--minutes", "0.5", "--max-bytes", "400000", "--preset", "deepseek-v3-debug",
+        "--vocab-size", "512", "--batch-size", "8", "--seq-len", "64", "--compare-dense",
+    ])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_writes_report_plot_and_checkpoint(run_dir):
+    report = (run_dir / "report.md").read_text()
+    assert "| moe |" in report and "| dense |" in report and "unigram baseline" in report
+    assert (run_dir / "report_loss.png").stat().st_size > 10_000
+    assert (run_dir / "checkpoints" / "latest").exists() and (run_dir / "dense" / "checkpoints" / "latest").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] > 5 and summary["val_bpb"] > 0
+    # the model learned something in 30 seconds: training loss fell, validation beats a uniform guess
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r["lm_loss"] for r in rows if r["split"] == "train"]
+    assert len(train) >= 2 and train[-1] < train[0] - 0.3, train
+    assert summary["val_loss"] < math.log(512) - 0.3, summary
+    assert report.count("```python") == 4
+
+
+def test_generate_samples_from_the_run_folder(run_dir):
+    result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "def main(", "--max-tokens", "12",
+                                 "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    completion, _, stats = result.output.rpartition("12 tokens in")
+    assert completion.strip() and "tok/s" in stats, result.output
+
+
+def test_run_refuses_to_overwrite_a_run(run_dir):
+    result = runner.invoke(app, ["run", "--out", str(run_dir), "--minutes", "0.1"])
+    assert result.exit_code == 1 and "already holds a run" in result.output
+
+
+def test_readme_quickstart_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", quickstart, re.S).group(1).strip().splitlines()
+    assert "deepsail run" in block[0]
+    assert block[1].startswith("bash scripts/test.sh")
+    assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_verb_has_help_with_examples():
+    for verb in (["run"], ["tokenizer", "train"], ["data", "prepare"], ["pretrain"], ["generate"], ["chat"],
+                 ["serve"]):
+        result = runner.invoke(app, [*verb, "--help"])
+        assert result.exit_code == 0, (verb, result.output)
+        assert "deepsail " + " ".join(verb) in result.output or "Example" in result.output, verb
