@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deepsail.train.metrics import save_plot
+
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
@@ -33,16 +35,7 @@ def plot_runs(curves: dict[str, Path], path: Path) -> Path:
                 alpha=0.6, label=f"{name} train")
         ax.plot([(r["time"] - t0) / 60 for r in val], [r["loss"] for r in val], "o-", color=color, ms=4,
                 label=f"{name} val")
-    ax.set_xlabel("training time (minutes)")
-    ax.set_ylabel("next-token loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_plot(fig, ax, "training time (minutes)", "next-token loss (nats/token)", path)
 
 
 def write_report(run_dir: Path, results: dict[str, Any], unigram_bpb: float, samples: list[tuple[str, str]],

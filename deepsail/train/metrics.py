@@ -99,6 +99,22 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     return table[key], f"measured 2048^3 {precision} matmul, cached in {cache}"
 
 
+def save_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Label, grid and legend the axes, then write the PNG atomically (a reader never sees half a file)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 class MetricsLogger:
     """One JSON object per line in `metrics.jsonl`, mirrored to TensorBoard as `<split>/<name>`.
 
@@ -144,16 +160,7 @@ class MetricsLogger:
             rows = [r for r in self.rows if r["split"] == split and key in r]
             if rows:
                 ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=f"{split} loss", ms=4)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return save_plot(fig, ax, "step", "loss (nats/token)", path)
 
     def close(self) -> None:
         self._file.close()
