@@ -112,10 +112,6 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x = x_BTD.reshape(-1, D)
         scores, ids, weights = self.gate(x)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # Autocast does not reach grouped_mm or the gather below: cast once here, or the experts run in fp32.
-            x = x.to(torch.get_autocast_dtype(device))
 
         # Group (token, expert) pairs by expert: a stable sort keeps each expert's tokens in order.
         flat_ids = ids.view(-1)
