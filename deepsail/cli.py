@@ -1,9 +1,12 @@
-"""The `deepsail` command line: one verb per stage of a model's life, in pipeline order."""
+"""The `deepsail` command line: one verb per stage of a model's life, in pipeline order.
+
+Every verb raises ValueError for a user error; `exit_on_user_error` turns it into one line and exit code 1."""
 
 import typer
 
 from deepsail.data.prepare import data_prepare
 from deepsail.data.tokenizer import tokenizer_train
+from deepsail.errors import exit_on_user_error
 from deepsail.infer.cli import chat_command, generate_command
 from deepsail.run import run_command
 from deepsail.serve.cli import serve_command
@@ -21,14 +24,14 @@ app.command("run")(run_command)
 
 tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer (HF tokenizer.json + chat template).",
                             no_args_is_help=True)
-tokenizer_app.command("train")(tokenizer_train)
+tokenizer_app.command("train")(exit_on_user_error(tokenizer_train))
 app.add_typer(tokenizer_app, name="tokenizer")
 
 data_app = typer.Typer(help="Tokenize text into memory-mapped token shards.", no_args_is_help=True)
-data_app.command("prepare")(data_prepare)
+data_app.command("prepare")(exit_on_user_error(data_prepare))
 app.add_typer(data_app, name="data")
 
 app.command("pretrain")(pretrain_command)
-app.command("generate")(generate_command)
-app.command("chat")(chat_command)
+app.command("generate")(exit_on_user_error(generate_command))
+app.command("chat")(exit_on_user_error(chat_command))
 app.command("serve")(serve_command)

@@ -12,7 +12,6 @@ The run folder is a normal training run (`checkpoints/`, `metrics.jsonl`, `loss.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated

@@ -268,16 +268,12 @@ def data_prepare(
     ] = None,
 ) -> None:
     """Tokenize text into memory-mapped token shards (+ manifest.json) for training."""
-    try:
-        prepare(
-            inputs,
-            tokenizer,
-            out,
-            text_field=text_field,
-            val_fraction=val_fraction,
-            shard_tokens=shard_tokens,
-            max_bytes=max_bytes,
-        )
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+    prepare(
+        inputs,
+        tokenizer,
+        out,
+        text_field=text_field,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        max_bytes=max_bytes,
+    )

@@ -390,28 +390,24 @@ def tokenizer_train(
     from deepsail.data.corpus import default_corpus, default_corpus_info, input_files
 
     console = Console(stderr=True)
-    try:
-        if inputs:
-            for item in inputs:
-                input_files(item)  # a missing path fails now, not halfway through training
-            source: Sequence = [Path(p) for p in inputs]
-            what = ", ".join(map(str, inputs))
-        else:
-            info = default_corpus_info()
-            docs = default_corpus("train", max_bytes=max_bytes)
-            source = [d.text for d in docs]
-            what = (
-                f"embedded corpus (Python {info.python} stdlib, train split): {len(docs)} files, "
-                f"{sum(len(t.encode('utf-8', 'surrogatepass')) for t in source) / 1e6:.1f} MB"
-            )
-        console.print(f"training a {vocab_size}-token BPE on {what}")
-        t0 = time.perf_counter()
-        tok = Tokenizer.train(
-            source, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=console.is_terminal
+    if inputs:
+        for item in inputs:
+            input_files(item)  # a missing path fails now, not halfway through training
+        source: Sequence = [Path(p) for p in inputs]
+        what = ", ".join(map(str, inputs))
+    else:
+        info = default_corpus_info()
+        docs = default_corpus("train", max_bytes=max_bytes)
+        source = [d.text for d in docs]
+        what = (
+            f"embedded corpus (Python {info.python} stdlib, train split): {len(docs)} files, "
+            f"{sum(len(t.encode('utf-8', 'surrogatepass')) for t in source) / 1e6:.1f} MB"
         )
-        seconds = time.perf_counter() - t0
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+    console.print(f"training a {vocab_size}-token BPE on {what}")
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(
+        source, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=console.is_terminal
+    )
+    seconds = time.perf_counter() - t0
     tok.save(out)
     console.print(f"trained in {seconds:.1f}s; vocab {tok.vocab_size}; saved to {out}/")

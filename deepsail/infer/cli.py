@@ -76,37 +76,33 @@ def generate_command(
     from deepsail.infer.sampling import SamplingParams
 
     err = Console(stderr=True)
-    try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                stop=[_unescape(s) for s in stop or ()])
-        prompt = [_unescape(p) for p in prompt]
-        model, tokenizer = _load(path, device, dtype)
-        t0 = time.perf_counter()
-        if len(prompt) == 1 and num_beams == 1 and speculative == 0:
-            n = 0
-            for event in stream(model, tokenizer, prompt[0], params):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-                n += 1
-            sys.stdout.write("\n")
-            summary = f"{n} tokens"
-        else:
-            results = generate(model, tokenizer, prompt, params, num_beams=num_beams, length_penalty=length_penalty,
-                               speculative=speculative)
-            for i, (p, r) in enumerate(zip(prompt, results)):
-                if len(prompt) > 1:
-                    err.print(f"[bold]--- [{i}] {p!r}[/bold]")
-                print(r.text)
-            n = sum(len(r.token_ids) for r in results)
-            summary = f"{n} tokens"
-            if speculative:
-                drafted = sum(r.draft_tokens for r in results)
-                accepted = sum(r.accepted_tokens for r in results)
-                summary += f", MTP draft acceptance {accepted}/{drafted} = {accepted / max(drafted, 1):.0%}"
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                            stop=[_unescape(s) for s in stop or ()])
+    prompt = [_unescape(p) for p in prompt]
+    model, tokenizer = _load(path, device, dtype)
+    t0 = time.perf_counter()
+    if len(prompt) == 1 and num_beams == 1 and speculative == 0:
+        n = 0
+        for event in stream(model, tokenizer, prompt[0], params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            n += 1
+        sys.stdout.write("\n")
+        summary = f"{n} tokens"
+    else:
+        results = generate(model, tokenizer, prompt, params, num_beams=num_beams, length_penalty=length_penalty,
+                           speculative=speculative)
+        for i, (p, r) in enumerate(zip(prompt, results)):
+            if len(prompt) > 1:
+                err.print(f"[bold]--- [{i}] {p!r}[/bold]")
+            print(r.text)
+        n = sum(len(r.token_ids) for r in results)
+        summary = f"{n} tokens"
+        if speculative:
+            drafted = sum(r.draft_tokens for r in results)
+            accepted = sum(r.accepted_tokens for r in results)
+            summary += f", MTP draft acceptance {accepted}/{drafted} = {accepted / max(drafted, 1):.0%}"
     seconds = time.perf_counter() - t0
     err.print(f"[dim]{summary} in {seconds:.2f}s ({n / seconds:.1f} tok/s)[/dim]")
 
@@ -139,16 +135,12 @@ def chat_command(
     from deepsail.infer.sampling import SamplingParams
 
     err = Console(stderr=True)
-    try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        model, tokenizer = _load(path, device, dtype)
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{path}'s tokenizer has no chat template (tokenizer_config.json `chat_template`); "
-                             "use `deepsail generate` for plain text")
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    model, tokenizer = _load(path, device, dtype)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{path}'s tokenizer has no chat template (tokenizer_config.json `chat_template`); "
+                         "use `deepsail generate` for plain text")
     context = model.config.max_position_embeddings
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
