@@ -277,7 +277,9 @@ def test_full_queue_is_429_with_retry_after(model_dir):
                 return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(10)))
 
         codes = [r.status_code for r in asyncio.run(burst())]
-        assert set(codes) == {200, 429} and codes.count(200) >= 3, codes
+        # The queue holds max_waiting=2; a third is admitted only if the engine moved one to running before the
+        # burst filled the queue, which is timing, so only the two queued ones are guaranteed.
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
         rejected = next(r for r in asyncio.run(burst()) if r.status_code == 429)
         assert int(rejected.headers["Retry-After"]) >= 1
         assert rejected.json()["error"]["message"]
