@@ -33,7 +33,7 @@ from deepsail.train import (
     token_byte_lengths,
     train,
 )
-from deepsail.train.precision import cpu_has_amx
+from deepsail.train.precision import cpu_has_native_bf16
 from deepsail.train.trainer import forward_backward, optimizer_step
 
 CPU = torch.device("cpu")
@@ -157,9 +157,34 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(500, decay_progress(500, 60.0, timed), timed) == pytest.approx(5.5e-4)
 
 
-def test_auto_precision_is_bf16_on_amx_cpus():
-    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_amx() else "fp32")
+def test_auto_precision_is_bf16_on_cpus_with_native_bf16(monkeypatch):
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    for amx, avx512_bf16, want in [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b)
+        assert resolve_precision("auto", CPU) == want, (amx, avx512_bf16)
     assert resolve_precision("fp16", CPU) == "fp16"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_stops_per_step_page_faults():
+    # A 64 MB tensor freed and allocated again, as the logits are every step: with glibc's defaults every
+    # allocation is freshly mapped and faults every page in again; with the allocator kept, it reuses the heap.
+    probe = """
+import resource, sys, torch
+from deepsail.train.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for _ in range(3):  # the heap settles after a round or two, as a training loop does
+    torch.zeros(16 << 20).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.zeros(16 << 20).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    assert faults["default"] > 10_000 and faults["keep"] < 1_000, faults  # 64 MB = 16,384 pages of 4 KiB
 
 
 def test_config_rejects_bad_values_with_the_field_name():

@@ -43,7 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
 
     # --- numerics and memory ---
-    precision: Precision = "auto"  # auto = bf16 on CUDA with bf16 or on AMX CPUs, else fp32
+    precision: Precision = "auto"  # auto = bf16 on CUDA with bf16 or on CPUs with AMX/AVX512-BF16, else fp32
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model for the training forward/backward
 

@@ -13,16 +13,18 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_has_amx() -> bool:
-    """True on CPUs with AMX tiles (Sapphire Rapids and later), where bf16 matmuls run ~8x fp32.
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matmul instructions: AMX tiles (Intel Sapphire Rapids and later, ~8x fp32) or
+    AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake; ~3.7x fp32 on a 2048^3 matmul, 1.6-1.8x fp32 on a whole
+    training step of `deepseek-v3-mini`, both measured on a 2-core Zen 4).
 
-    `torch.backends.cpu.get_cpu_capability()` names the ATen kernel level, which is "AVX512" even on
-    AMX machines in current builds, so the tile check is what actually answers the question.
+    `torch.backends.cpu.get_cpu_capability()` names the ATen kernel level, which is "AVX512" even on AMX
+    machines in current builds, so the instruction checks are what actually answer the question.
     """
     if "AMX" in torch.backends.cpu.get_cpu_capability().upper():
         return True
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(bool(check and check()) for check in checks)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -38,8 +40,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if bf16_ok else "fp32"
         return precision
     if precision == "auto":
-        # Without AMX (or AVX512-BF16 at the least) CPU bf16 is emulated and slower than fp32.
-        return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+        # Without AMX or AVX512-BF16, CPU bf16 is emulated and slower than fp32.
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     return precision
 
 

@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from deepsail.errors import exit_on_user_error
+from deepsail.train.allocator import keep_freed_memory
 from deepsail.train.checkpoint import discard_newer, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepsail.train.config import TrainConfig
 from deepsail.train.metrics import MetricsLogger, peak_flops
@@ -265,6 +266,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, model_config: Any = None, c
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on the per-step logits and gradients (see allocator.py)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
 
