@@ -9,9 +9,10 @@ Training: fwd + bwd + AdamW on batch 8x256, fp32 and bf16 autocast. Decode: gree
 tokens, batch 1 and 8, KV cache on both sides. Each figure is the median over rounds in which the two
 implementations take turns, so machine noise hits both alike.
 
-Batch-1 decode is set beside two limits: the memory roofline (active weight bytes / copy bandwidth) and the time
-of the step's matrix-vector products alone through torch's GEMV. On small CPUs the second is far below the first
-(MKL's GEMV does not reach copy bandwidth from DRAM), and it bounds any eager implementation, HF's included.
+Batch-1 decode is set beside its limits: the memory roofline (active weight bytes / copy bandwidth) and the time
+of the step's matrix-vector products alone, through F.linear (HF's route) and through deepsail's `linear` (the
+weight-major route where the BLAS runs it faster). On small CPUs these are far below the roofline: the BLAS does
+not stream weights from DRAM at copy bandwidth for one row.
 """
 
 from __future__ import annotations
@@ -119,23 +120,29 @@ def decode_matrices(model) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def gemv_limit(model, device: str, rounds: int = 5) -> float:
-    """Seconds per token of the decode step's matrix-vector products alone, run back to back: what torch's GEMV
-    kernels on this machine need for the weights one token reads, with no attention, routing or Python around.
+def gemv_limit(model, device: str, rounds: int = 5) -> dict[str, float]:
+    """Seconds per token of the decode step's matrix-vector products alone, run back to back, with no attention,
+    routing or Python around: through F.linear (what HF runs) and through deepsail's `linear` (which takes the
+    weight-major route where this machine's BLAS runs it faster, see model/layers.py).
 
     Weights that fit in cache run at cache speed, which a real step (touching the whole model) does not get, so
     the whole model is swept each round, as decode does."""
+    from deepsail.model.layers import linear
+
     mats = decode_matrices(model)
     xs = {m.shape[1]: torch.randn(1, m.shape[1], device=device) for m in mats}
-    times = []
-    for _ in range(rounds + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        for m in mats:
-            torch.nn.functional.linear(xs[m.shape[1]], m)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    routes = {"F.linear": torch.nn.functional.linear, "deepsail": linear}
+    times: dict[str, list[float]] = {k: [] for k in routes}
+    for r in range(rounds + 1):
+        for name, fn in routes.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for m in mats:
+                fn(xs[m.shape[1]], m)
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -193,13 +200,15 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     gemv = gemv_limit(ours, device)
     print(f"batch-1 decode limits: {weight_bytes / 1e6:.0f} MB of fp32 weights per token\n"
-          f"  memory roofline: / {bandwidth / 1e9:.1f} GB/s copy bandwidth = {bandwidth / weight_bytes:.0f} tok/s\n"
-          f"  torch GEMV:      the step's matrix-vector products alone take {gemv * 1e3:.2f} ms "
-          f"({weight_bytes / gemv / 1e9:.1f} GB/s) = {1 / gemv:.0f} tok/s for any implementation built on them\n")
+          f"  memory roofline: / {bandwidth / 1e9:.1f} GB/s copy bandwidth = {bandwidth / weight_bytes:.0f} tok/s")
+    for route, t in gemv.items():
+        print(f"  GEMV ({route + '):':<10} the step's matrix-vector products alone take {t * 1e3:.2f} ms "
+              f"({weight_bytes / t / 1e9:.1f} GB/s) = {1 / t:.0f} tok/s")
+    print()
     print(f"{'measure':<32}{'deepsail':>12}{'HF':>12}{'ratio':>9}")
     for name, a, b, note in rows:
         if name.startswith("decode fp32 batch 1"):
-            note += f"  ({a * gemv:.0%} of the GEMV limit; HF {b * gemv:.0%})"
+            note += f"  (deepsail at {a * gemv['deepsail']:.0%} of its GEMV limit, HF at {b * gemv['F.linear']:.0%})"
         print(f"{name:<32}{a:>12.0f}{b:>12.0f}{a / b:>8.2f}x{note}")
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import deepsail as ds
 from deepsail.model import PRESETS, ModelConfig, Transformer
@@ -48,6 +49,41 @@ def test_every_preset_forward_cache_batch_bf16(name):
     assert (last[:, 0].float() - logits[:, -1].float()).abs().max() < 0.1 * logits.float().abs().max()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("weight_major", [False, True])
+def test_few_row_linear_routes_agree(monkeypatch, weight_major):
+    """Decode's few-row route (weight-major, where this machine's BLAS runs it faster) computes what F.linear does,
+    and a cached decode through either route matches the full forward."""
+    import deepsail.model.layers as layers
+    import deepsail.model.moe as moe
+
+    monkeypatch.setattr(layers, "weight_major_wins", lambda: weight_major)
+    monkeypatch.setattr(moe, "weight_major_wins", lambda: weight_major)
+    taken = []
+    route = layers._weight_major
+    monkeypatch.setattr(layers, "_weight_major", lambda *a: taken.append(1) or route(*a))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for shape in [(1, 32), (2, 32), (1, 1, 32), (2, 2, 32), (1, 4, 32), (3, 5, 32)]:
+        x = torch.randn(*shape, generator=g)
+        for bias in (None, b):
+            with torch.no_grad():
+                got = layers.linear(x, w, bias)
+            torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert len(taken) == (10 if weight_major else 0)  # rows <= SMALL_ROWS only: 5 shapes x 2 biases
+    x = torch.randn(2, 32, requires_grad=True)
+    assert torch.equal(layers.linear(x, w, b), F.linear(x, w, b))  # under autograd: always F.linear
+
+    taken.clear()
+    model = _model("deepseek-v3-debug")
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 12)
+        steps = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+    assert bool(taken) == weight_major
 
 
 def test_moe_matches_a_per_token_reference():

@@ -16,7 +16,7 @@ from torch import nn
 
 from deepsail.model.cache import KVCache
 from deepsail.model.config import ModelConfig
-from deepsail.model.layers import RMSNorm, apply_rope
+from deepsail.model.layers import Linear, RMSNorm, apply_rope
 
 
 @dataclass
@@ -46,10 +46,10 @@ class GroupedQueryAttention(nn.Module):
         qkv_bias = config.attention_bias
         o_bias = config.attention_bias and config.model_type == "llama"  # Qwen2: q/k/v bias, no o bias
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=o_bias)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=o_bias)
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -86,15 +86,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.interleave, self.scale = config.rope_interleave, config.softmax_scale
         d, qk_dim, bias = config.hidden_size, config.qk_head_dim, config.attention_bias
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(d, self.n_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_proj = Linear(d, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, d, bias=bias)
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepsail.model.config import ModelConfig
-from deepsail.model.layers import MLP
+from deepsail.model.layers import MLP, SMALL_ROWS, linear, weight_major_wins
 
 
 class Router(nn.Module):
@@ -59,6 +59,9 @@ class Router(nn.Module):
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
+    if (x.device.type == "cpu" and x.shape[0] <= 2 * SMALL_ROWS and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and weight_major_wins()):
+        return False  # decode: a loop over the few chosen experts takes the fast few-row route of `linear`
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its fake kernel accepts bf16 only
         return False
     if x.device.type == "cuda":  # the CUDA kernel is Hopper+ and bf16 only
@@ -87,8 +90,8 @@ class Experts(nn.Module):
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                gate, up = F.linear(x_sorted[start : start + n], w_gate_up[e]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(gate) * up, w_down[e]))
+                gate, up = linear(x_sorted[start : start + n], w_gate_up[e]).chunk(2, dim=-1)
+                out.append(linear(F.silu(gate) * up, w_down[e]))
             start += n
         return torch.cat(out) if out else x_sorted.new_zeros(0, w_down.shape[1])
 

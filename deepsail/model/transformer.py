@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from deepsail.model.attention import AttentionContext, GroupedQueryAttention, MultiHeadLatentAttention
 from deepsail.model.cache import KVCache, new_cache
 from deepsail.model.config import ModelConfig, config_from_seed
-from deepsail.model.layers import MLP, RMSNorm, RotaryEmbedding
+from deepsail.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from deepsail.model.moe import MoE
 
 IGNORE_INDEX = -100
@@ -58,7 +58,7 @@ class MTPModule(nn.Module):
         d = config.hidden_size
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.block = Block(config, layer_idx, moe=config.is_moe)
         self.norm = RMSNorm(d, config.rms_norm_eps)  # "shared_head.norm" in DeepSeek's checkpoint
 
@@ -82,7 +82,7 @@ class Transformer(nn.Module):
             Block(config, i, moe=config.is_moe_layer(i)) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
