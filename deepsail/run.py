@@ -60,7 +60,8 @@ def run(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     max_bytes: Annotated[int | None, typer.Option(help="Use only this many bytes of the corpus (quick runs).",
                                                   show_default=False)] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16).")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto | fp32 | bf16 (auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
 ) -> Path:
