@@ -63,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     machine's BLAS runs it faster (see `weight_major_wins`): decode reads every weight for 1-4 rows per step."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if (0 < rows <= SMALL_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and weight_major_wins()):
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight_major_wins()):
         return _weight_major(x.reshape(rows, -1), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

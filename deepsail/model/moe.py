@@ -60,7 +60,7 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     if (x.device.type == "cpu" and x.shape[0] <= 2 * SMALL_ROWS and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and weight_major_wins()):
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight_major_wins()):
         return False  # decode: a loop over the few chosen experts takes the fast few-row route of `linear`
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its fake kernel accepts bf16 only
         return False
