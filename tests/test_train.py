@@ -176,15 +176,18 @@ import resource, sys, torch
 from deepsail.train.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-for _ in range(3):  # the heap settles after a round or two, as a training loop does
+for _ in range(3):  # the heap settles after a few rounds, as a training loop does
     torch.zeros(16 << 20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.zeros(16 << 20).fill_(1.0)
+for _ in range(5):
+    torch.zeros(16 << 20).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     faults = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "keep")}
-    assert faults["default"] > 10_000 and faults["keep"] < 1_000, faults  # 64 MB = 16,384 pages of 4 KiB
+    # Default: every round faults all 64 MB in again (5 x 16,384 pages of 4 KiB). Kept: ~0 (at most one round may
+    # still land on untouched heap). The ratio holds with transparent huge pages too (fewer, bigger faults).
+    assert faults["default"] > 0 and faults["keep"] * 4 < faults["default"], faults
 
 
 def test_config_rejects_bad_values_with_the_field_name():
