@@ -52,19 +52,23 @@ def weight_major_wins() -> bool:
 
 def _weight_major(x_RD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x_RD.shape[0]
-    if rows == 1:  # the fast kernel wants at least two columns in xᵀ: pad with a zero row
-        x_RD = torch.cat((x_RD, x_RD.new_zeros(1, x_RD.shape[1])))
-    y = (weight @ x_RD.T).T[:rows]
+    # The fast kernel wants at least two columns in xᵀ: one row is padded with a zero row and the result cut back.
+    y = torch.mm(weight, (F.pad(x_RD, (0, 0, 0, 1)) if rows == 1 else x_RD).t()).t()
+    if rows == 1:
+        y = y[:1]
     return y + bias if bias is not None else y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a few fp32 rows on CPU outside autograd take the weight-major route where this
     machine's BLAS runs it faster (see `weight_major_wins`): decode reads every weight for 1-4 rows per step."""
-    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if (0 < rows <= SMALL_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight_major_wins()):
-        return _weight_major(x.reshape(rows, -1), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    # Cheapest checks first: this runs ~100 times per decoded token.
+    if (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and not torch.is_grad_enabled()
+            and 0 < x.numel() <= SMALL_ROWS * weight.shape[1] and not torch.compiler.is_compiling()
+            and weight_major_wins()):
+        if x.dim() == 2:
+            return _weight_major(x, weight, bias)
+        return _weight_major(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
