@@ -56,10 +56,8 @@ def test_few_row_linear_routes_agree(monkeypatch, weight_major):
     """Decode's few-row route (weight-major, where this machine's BLAS runs it faster) computes what F.linear does,
     and a cached decode through either route matches the full forward."""
     import deepsail.model.layers as layers
-    import deepsail.model.moe as moe
 
     monkeypatch.setattr(layers, "weight_major_wins", lambda: weight_major)
-    monkeypatch.setattr(moe, "weight_major_wins", lambda: weight_major)
     taken = []
     route = layers._weight_major
     monkeypatch.setattr(layers, "_weight_major", lambda *a: taken.append(1) or route(*a))

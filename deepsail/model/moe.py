@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepsail.model.config import ModelConfig
-from deepsail.model.layers import MLP, SMALL_ROWS, linear, weight_major_wins
+from deepsail.model.layers import MLP, SMALL_ROWS, linear, weight_major_applies
 
 
 class Router(nn.Module):
@@ -59,8 +59,7 @@ class Router(nn.Module):
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
-    if (x.device.type == "cpu" and x.shape[0] <= 2 * SMALL_ROWS and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight_major_wins()):
+    if x.shape[0] <= 2 * SMALL_ROWS and weight_major_applies(x):
         return False  # decode: a loop over the few chosen experts takes the fast few-row route of `linear`
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its fake kernel accepts bf16 only
         return False
