@@ -1,16 +1,17 @@
 """The `deepsail` command line: one verb per stage of a model's life, in pipeline order.
 
-Every verb raises ValueError for a user error; `exit_on_user_error` turns it into one line and exit code 1."""
+Every verb goes through `errors.cli_verb`: an expected failure (bad input, a damaged file, a missing device)
+becomes one `error: ...` line and exit code 1; a bug keeps its traceback."""
 
 import typer
 
 from deepsail.data.prepare import data_prepare
 from deepsail.data.tokenizer import tokenizer_train
-from deepsail.errors import exit_on_user_error
+from deepsail.errors import cli_verb
 from deepsail.infer.cli import chat_command, generate_command
-from deepsail.run import run_command
+from deepsail.run import run
 from deepsail.serve.cli import serve_command
-from deepsail.train.trainer import pretrain_command
+from deepsail.train.pretrain import pretrain_command
 
 app = typer.Typer(
     name="deepsail",
@@ -20,18 +21,18 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-app.command("run")(run_command)
+app.command("run")(cli_verb(run))
 
 tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer (HF tokenizer.json + chat template).",
                             no_args_is_help=True)
-tokenizer_app.command("train")(exit_on_user_error(tokenizer_train))
+tokenizer_app.command("train")(cli_verb(tokenizer_train))
 app.add_typer(tokenizer_app, name="tokenizer")
 
 data_app = typer.Typer(help="Tokenize text into memory-mapped token shards.", no_args_is_help=True)
-data_app.command("prepare")(exit_on_user_error(data_prepare))
+data_app.command("prepare")(cli_verb(data_prepare))
 app.add_typer(data_app, name="data")
 
-app.command("pretrain")(pretrain_command)
-app.command("generate")(exit_on_user_error(generate_command))
-app.command("chat")(exit_on_user_error(chat_command))
-app.command("serve")(serve_command)
+app.command("pretrain")(cli_verb(pretrain_command))
+app.command("generate")(cli_verb(generate_command))
+app.command("chat")(cli_verb(chat_command))
+app.command("serve")(cli_verb(serve_command))

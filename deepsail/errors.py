@@ -1,4 +1,4 @@
-"""How user errors reach a person: a ValueError is already explained, so the CLI prints it on one line."""
+"""How failures reach a person: a ValueError is already explained, so the CLI prints it on one line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 
-def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., None]:
+def cli_verb(fn: Callable[..., Any]) -> Callable[..., None]:
     """Wrap a verb for the CLI: ValueError -> `error: <message>` on stderr and exit code 1, no traceback."""
 
     @functools.wraps(fn)

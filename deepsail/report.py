@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deepsail.train.metrics import save_plot
+from deepsail.files import atomic_write_text
+from deepsail.train.metrics import read_metrics, save_plot
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_metrics(path) if path.exists() else []
 
 
 def plot_runs(curves: dict[str, Path], path: Path) -> Path:
@@ -102,8 +103,4 @@ def write_report(run_dir: Path, results: dict[str, Any], unigram_bpb: float, sam
         "- metrics: `metrics.jsonl`, `tensorboard/`, `loss.png`; resolved config: `run_config.json`",
         "",
     ]
-    report = run_dir / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, report)
-    return report
+    return atomic_write_text(run_dir / "report.md", "\n".join(lines))

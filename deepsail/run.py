@@ -20,7 +20,8 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from deepsail.errors import exit_on_user_error
+from deepsail.flags import Options, options
+from deepsail.train.config import TrainConfig
 
 SAMPLE_PROMPTS = [
     "def fibonacci(n):\n",
@@ -34,7 +35,7 @@ def unigram_bits_per_byte(data_dir: Path, tokenizer, batch_size: int, seq_len: i
     """Bits per byte of the best context-free model: train-split token frequencies (add-one smoothed), scored on
     exactly the validation windows the trainer evaluates, with the same per-token byte counts."""
     from deepsail.data.loader import TokenStream, eval_batches
-    from deepsail.train.trainer import token_byte_lengths
+    from deepsail.data.tokenizer import token_byte_lengths
 
     train = TokenStream(data_dir, "train")
     counts = np.bincount(train.read(0, train.n_tokens).astype(np.int64), minlength=tokenizer.vocab_size) + 1.0
@@ -48,45 +49,41 @@ def unigram_bits_per_byte(data_dir: Path, tokenizer, batch_size: int, seq_len: i
     return float(bits / nbytes)
 
 
+@options(template=Options(TrainConfig, only=("out", "minutes", "model_preset", "batch_size", "seq_len", "lr",
+                                             "precision", "device", "seed"),
+                          defaults=dict(out="runs/default", minutes=8.0, model_preset="deepseek-v3-mini",
+                                        batch_size=16, lr=2e-3),
+                          fixed=dict(min_lr=0.0, steps=None)))  # min_lr is lr / 10, set below
 def run(
-    out: Annotated[str, typer.Option(help="Run folder (created; must not already hold a run).")] = "runs/default",
-    minutes: Annotated[float, typer.Option(help="Training time budget per model, in minutes.")] = 8.0,
+    template: TrainConfig,
     compare_dense: Annotated[bool, typer.Option(help="Also train a dense model of equal active parameters for "
                                                      "as long, and plot both curves (doubles the run time).")] = False,
-    preset: Annotated[str, typer.Option(help="Model preset (MLA + MoE + MTP by default).")] = "deepseek-v3-mini",
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 4096,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     max_bytes: Annotated[int | None, typer.Option(help="Use only this many bytes of the corpus (quick runs).",
                                                   show_default=False)] = None,
-    precision: Annotated[str, typer.Option(
-        help="auto | fp32 | bf16 (auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
 ) -> Path:
     """Train a DeepSeek-style model from scratch on the embedded corpus and write RUN/report.md.
 
+    \b
     Examples:
-
-        deepsail run                              # ~10 minutes on 2 CPU cores
-        deepsail run --minutes 2 --out runs/quick
-        deepsail run --compare-dense              # MoE vs dense of equal active parameters
+      deepsail run                              # ~10 minutes on 2 CPU cores
+      deepsail run --minutes 2 --out runs/quick
+      deepsail run --compare-dense              # MoE vs dense of equal active parameters
     """
     from deepsail.data.corpus import default_corpus
     from deepsail.data.prepare import prepare
     from deepsail.data.tokenizer import Tokenizer
     from deepsail.model import ModelConfig
     from deepsail.report import write_report
-    from deepsail.train.config import TrainConfig
-    from deepsail.train.trainer import train
+    from deepsail.train.pretrain import pretrain
 
     console = Console()
-    run_dir = Path(out)
+    run_dir, minutes, preset, batch_size, seq_len = (Path(template.out), template.minutes, template.model_preset,
+                                                     template.batch_size, template.seq_len)
     if (run_dir / "checkpoints").exists():
         raise ValueError(f"{run_dir} already holds a run; choose a new --out or delete it")
-    if minutes <= 0:
-        raise ValueError(f"--minutes must be > 0, got {minutes}")
+    if minutes is None:
+        raise ValueError("--minutes is the run's length; pass a positive number")
     model_config = ModelConfig.preset(preset)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -109,28 +106,27 @@ def run(
     eval_batches = max(1, -(-val_windows // batch_size))
 
     def train_config(out_dir: Path) -> TrainConfig:
-        return TrainConfig(
+        return template.replace(
             data=str(run_dir / "data"), out=str(out_dir), tokenizer=str(run_dir / "tokenizer"), steps=None,
-            max_minutes=minutes, batch_size=batch_size, seq_len=seq_len, lr=lr, min_lr=lr / 10, warmup_steps=30,
-            eval_every=100, eval_batches=eval_batches, log_every=10, ckpt_every=200, keep_last=2, seed=seed,
-            precision=precision, device=device, bias_update_rate=1e-3,
+            min_lr=template.lr / 10, warmup_steps=30, eval_every=100, eval_batches=eval_batches, log_every=10,
+            ckpt_every=200, keep_last=2, bias_update_rate=1e-3,
         )
 
-    results = {"moe": train(train_config(run_dir), model_config=model_config, console=console)}
+    results = {"moe": pretrain(train_config(run_dir), model_config=model_config, console=console)}
     if compare_dense:
         console.rule(f"[bold]3b/5 pretrain the dense twin for {minutes:g} min")
         # Equal active parameters: every MLP as wide as the experts a token activates (routed top-k + shared).
         active_width = model_config.moe_intermediate_size * (model_config.num_experts_per_tok +
                                                              model_config.n_shared_experts)
         dense = model_config.replace(n_routed_experts=0, n_shared_experts=0, intermediate_size=active_width)
-        results["dense"] = train(train_config(run_dir / "dense"), model_config=dense, console=console)
+        results["dense"] = pretrain(train_config(run_dir / "dense"), model_config=dense, console=console)
 
     console.rule("[bold]4/5 evaluate")
     baseline = unigram_bits_per_byte(run_dir / "data", tokenizer, batch_size, seq_len, eval_batches)
     console.print(f"validation bits/byte: model {results['moe'].val_bpb:.3f}, unigram baseline {baseline:.3f}")
 
     console.rule("[bold]5/5 samples and report")
-    samples = _samples(results["moe"].checkpoint, tokenizer, seed)
+    samples = _samples(results["moe"].checkpoint, tokenizer, template.seed)
     report = write_report(run_dir, results, baseline, samples, model_config, manifest,
                           timings={"tokenizer_s": tokenizer_s, "total_s": time.time() - started})
     console.print(f"[bold green]done in {(time.time() - started) / 60:.1f} min[/] — open {report}")
@@ -145,5 +141,3 @@ def _samples(checkpoint: str, tokenizer, seed: int) -> list[tuple[str, str]]:
     outs = generate(model, tokenizer, SAMPLE_PROMPTS, max_tokens=80, temperature=0.7, top_k=40, seed=seed)
     return [(p, g.text) for p, g in zip(SAMPLE_PROMPTS, outs)]
 
-
-run_command = exit_on_user_error(run)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepsail.infer import Engine, EngineClosed, EngineConfig, QueueFull, SamplingParams, generate
-from deepsail.infer.engine import BlockAllocator
+from deepsail.infer.blocks import BlockAllocator
 from deepsail.model import ModelConfig, Transformer
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30] * 20, [100, 200], list(range(40, 53))]

@@ -391,7 +391,10 @@ def test_cli_help():
         assert flag in result.output
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
+def test_sigterm_drains_in_flight_requests_within_the_bound(model_dir):
+    """SIGTERM: the port stops accepting at once; a request that can finish within --drain-timeout does; work that
+    cannot is cut off at the bound, and the process exits shortly after it (not when the work would have ended)."""
+    drain = 1.5
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -399,34 +402,63 @@ def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
     env = dict(os.environ, DEEPSAIL_API_KEY="k")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from deepsail.cli import app; app()", "serve", str(model_dir), "--port", str(port),
-         "--drain-timeout", "20", "--max-model-len", "256", "--threads", "1"],
+         "--drain-timeout", str(drain), "--max-model-len", "512", "--max-batch-size", "1", "--threads", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for(lambda: _status(f"{url}/health") == 200, 60)
-        body = {"prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True,
+    results: dict[str, dict] = {}
+    first_token = threading.Event()
+
+    def stream(name: str, max_tokens: int) -> None:
+        body = {"prompt": "x", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         events: list[str] = []
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"},
-                          timeout=30) as r:
-            for line in r.iter_lines():
-                if not line:
-                    continue
-                events.append(line)
-                if len(events) == 2:
-                    proc.send_signal(signal.SIGTERM)
-        assert events[-1] == "data: [DONE]"
-        *chunks, usage = [json.loads(e[6:]) for e in events[:-1]]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert usage["usage"]["completion_tokens"] == 120  # it ran to the end after SIGTERM
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"},
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line)
+                        first_token.set()
+        except httpx.HTTPError:
+            pass  # the server cut the stream off
+        results[name] = {"events": events, "done": bool(events) and events[-1] == "data: [DONE]"}
+
+    try:
+        _wait_for(lambda: _status(f"{url}/health") == 200, 60)
+        short = threading.Thread(target=stream, args=("short", 24))
+        short.start()
+        assert first_token.wait(30)
+        # Batch size 1: these queue behind the short one, ~3,000 tokens of work, far more than 1.5 s of decode.
+        longs = [threading.Thread(target=stream, args=(f"long{i}", 480)) for i in range(6)]
+        for t in longs:
+            t.start()
+        _wait_for(lambda: proc.poll() is None and _waiting(url) >= 5, 10)
+        t_signal = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: _status(f"{url}/health") is None, 2)  # stops listening at once
         # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is "killed by SIGTERM"
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
-        assert _status(f"{url}/health") is None  # no longer listening
+        assert proc.wait(timeout=drain + 20) in (0, -signal.SIGTERM)
+        exited_after = time.monotonic() - t_signal
+        for t in [short, *longs]:
+            t.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
         out = proc.communicate()[0]
+    assert results["short"]["done"], results["short"]["events"][-3:]  # finished inside the bound, usage included
+    usage = json.loads(results["short"]["events"][-2][6:])["usage"]
+    assert usage["completion_tokens"] == 24
+    cut = [n for n, r in results.items() if n != "short" and not r["done"]]
+    assert cut, "every long request finished: the bound was never reached, so this test measured nothing"
+    # the bound held: shut down after the drain timeout, not after the ~3,000 tokens of queued work
+    assert drain - 0.2 <= exited_after <= drain + 4.0, (exited_after, out[-2000:])
     assert "Application shutdown complete" in out, out
+
+
+def _waiting(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k"}, timeout=2).text
+    line = next(line for line in text.splitlines() if line.startswith("deepsail_num_requests_waiting "))
+    return float(line.split()[1])
 
 
 def _status(url: str) -> int | None:

@@ -17,24 +17,26 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from deepsail.data.tokenizer import token_byte_lengths
 from deepsail.model import ModelConfig, Transformer, from_pretrained
+from deepsail.parallel import apply_activation_checkpointing
+from deepsail.precision import cpu_has_native_bf16, resolve_precision
 from deepsail.train import (
     TrainConfig,
     build_optimizer,
     decay_progress,
     evaluate,
+    forward_backward,
     latest_checkpoint,
     load_checkpoint,
     lr_at,
     make_scaler,
+    next_token_loss,
+    optimizer_step,
     pretrain,
-    resolve_precision,
     save_checkpoint,
-    token_byte_lengths,
-    train,
 )
-from deepsail.train.precision import cpu_has_native_bf16
-from deepsail.train.trainer import forward_backward, optimizer_step
+from deepsail.train.pretrain import pretrain_command
 
 CPU = torch.device("cpu")
 
@@ -81,7 +83,7 @@ def test_loss_goes_down_on_a_repeated_batch():
     batch = random_batch(4)
     losses = []
     for _ in range(40):
-        losses.append(forward_backward(model, [batch], CPU, "fp32", scaler)["lm_loss"].item())
+        losses.append(forward_backward(model, [batch], next_token_loss, CPU, "fp32", scaler)["lm_loss"].item())
         optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         model.update_balance_bias(cfg.bias_update_rate)
     assert losses[0] > math.log(512) - 0.5  # starts near uniform over the vocabulary
@@ -93,7 +95,7 @@ def test_grad_accumulation_matches_one_big_batch():
     grads = []
     for micro in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])]):
         model = tiny_model()
-        losses = forward_backward(model, micro, CPU, "fp32", make_scaler(CPU, "fp32"))
+        losses = forward_backward(model, micro, next_token_loss, CPU, "fp32", make_scaler(CPU, "fp32"))
         grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses["loss"]))
     (big, big_loss), (accum, accum_loss) = grads
     assert big.keys() == accum.keys() and len(big) > 10
@@ -106,11 +108,17 @@ def test_activation_checkpointing_gives_the_same_grads():
     grads = []
     for checkpointing in (False, True):
         model = tiny_model()
-        model.activation_checkpointing = checkpointing
-        forward_backward(model, [random_batch(2)], CPU, "fp32", make_scaler(CPU, "fp32"))
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp32", make_scaler(CPU, "fp32"))
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[1].keys() == grads[0].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    # It is applied from outside: the blocks are wrapped, their state-dict names are not.
+    assert type(model.layers[0]).__name__ == "CheckpointWrapper"
+    assert model.state_dict().keys() == tiny_model().state_dict().keys()
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
@@ -127,7 +135,7 @@ def test_fp16_scaler_skips_the_step_and_halves_the_scale_on_inf_grads():
     model = tiny_model()
     optimizer, scaler = build_optimizer(model, TrainConfig()), make_scaler(CPU, "fp16")
     scale = scaler.get_scale()
-    forward_backward(model, [random_batch(2)], CPU, "fp16", scaler)
+    forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp16", scaler)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.layers[0].self_attn.o_proj.weight.grad[0, 0] = float("inf")
     optimizer_step(model, optimizer, scaler, grad_clip=1.0)
@@ -138,7 +146,7 @@ def test_fp16_scaler_skips_the_step_and_halves_the_scale_on_inf_grads():
                for st in optimizer.state.values())
 
     # A clean step then goes through at the halved scale.
-    forward_backward(model, [random_batch(2)], CPU, "fp16", scaler)
+    forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp16", scaler)
     optimizer_step(model, optimizer, scaler, grad_clip=1.0)
     assert scaler.get_scale() == scale / 2
     assert not torch.equal(model.layers[0].self_attn.o_proj.weight, before["layers.0.self_attn.o_proj.weight"])
@@ -153,7 +161,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[110] == pytest.approx(1e-4)
     # A time budget decays over wall clock instead: half the budget spent = cosine midpoint.
-    timed = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=None, max_minutes=2.0)
+    timed = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=None, minutes=2.0)
     assert lr_at(500, decay_progress(500, 60.0, timed), timed) == pytest.approx(5.5e-4)
 
 
@@ -191,8 +199,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_config_rejects_bad_values_with_the_field_name():
-    with pytest.raises(ValueError, match="steps.*max_minutes|--steps"):
-        TrainConfig(steps=None, max_minutes=None)
+    with pytest.raises(ValueError, match="--steps.*--minutes"):
+        TrainConfig(steps=None, minutes=None)
     with pytest.raises(ValueError, match="min_lr"):
         TrainConfig(lr=1e-4, min_lr=1e-3)
     with pytest.raises(ValueError, match="precision"):
@@ -246,14 +254,14 @@ class CountingLoader:
 def test_crash_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     model = tiny_model()
     optimizer, scaler = build_optimizer(model, TrainConfig()), make_scaler(CPU, "fp32")
-    forward_backward(model, [random_batch(2)], CPU, "fp32", scaler)
+    forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp32", scaler)
     optimizer_step(model, optimizer, scaler, 1.0)
     root = tmp_path / "checkpoints"
     good = save_checkpoint(root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(7),
                            trainer_state={"step": 1})
     saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
 
-    forward_backward(model, [random_batch(2, seed=1)], CPU, "fp32", scaler)
+    forward_backward(model, [random_batch(2, seed=1)], next_token_loss, CPU, "fp32", scaler)
     optimizer_step(model, optimizer, scaler, 1.0)
     real_save = torch.save
 
@@ -267,7 +275,8 @@ def test_crash_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, m
                         trainer_state={"step": 2})
     monkeypatch.undo()
 
-    assert (root / "step_000002.tmp").is_dir() and not (root / "step_000002").exists()
+    # The failed write cleaned up after itself (a kill -9 leaves its temporary, which resume removes: see below).
+    assert not (root / "step_000002").exists() and sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
     assert latest_checkpoint(root) == good
     restored = from_pretrained(good)
     for k, v in saved_weights.items():
@@ -283,7 +292,7 @@ def test_crash_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, m
 
 def test_pretrain_run_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
     out = tmp_path / "run"
-    result = train(run_config(data_dir, out, steps=24, eval_every=12))
+    result = pretrain(run_config(data_dir, out, steps=24, eval_every=12))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
@@ -308,9 +317,9 @@ def test_pretrain_run_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
     from_pretrained(final)
 
     with pytest.raises(ValueError, match="--resume"):  # never silently overwrite a run
-        train(run_config(data_dir, out, steps=24))
+        pretrain(run_config(data_dir, out, steps=24))
     # `deepsail pretrain --resume --steps 30`: the saved config is the base, only the flags given change.
-    longer = pretrain(out=str(out), resume=True, steps=30)
+    longer = pretrain_command(out=str(out), resume=True, steps=30)
     assert longer.step == 30 and json.loads((out / "run_config.json").read_text())["train"]["batch_size"] == 4
 
 
@@ -328,9 +337,9 @@ class TickingClock:
 
 def test_time_budget_run(data_dir, tmp_path, monkeypatch):
     """--minutes alone: the run stops on the clock, and the cosine decays over it."""
-    monkeypatch.setattr("deepsail.train.trainer.time", TickingClock())
+    monkeypatch.setattr("deepsail.train.loop.time", TickingClock())
     budget_s = 60.0
-    result = train(run_config(data_dir, tmp_path / "run", steps=None, max_minutes=budget_s / 60,
+    result = pretrain(run_config(data_dir, tmp_path / "run", steps=None, minutes=budget_s / 60,
                               eval_every=0, ckpt_every=0, log_every=1))
     assert result.step >= 3 and math.isfinite(result.val_loss)
     # The last step ends within the budget (it stops before a step that would overrun); the final
@@ -346,8 +355,8 @@ def test_time_budget_run(data_dir, tmp_path, monkeypatch):
 # flags) can make the runs differ; only the kill and the resume can.
 RUN = """
 import json, sys
-from deepsail.train import TrainConfig, train
-train(TrainConfig(**json.loads(sys.argv[1])), resume=sys.argv[2] == "resume")
+from deepsail.train import TrainConfig, pretrain
+pretrain(TrainConfig(**json.loads(sys.argv[1])), resume=sys.argv[2] == "resume")
 """
 
 
@@ -378,7 +387,7 @@ def test_kill_9_mid_run_then_resume_is_bitwise_identical(data_dir, tmp_path):
     while time.time() < deadline and child.poll() is None:
         latest = root / "latest"
         if latest.exists() and latest.read_text().strip() >= "step_000004":
-            mid_write = any(p.name.endswith(".tmp") for p in root.iterdir())
+            mid_write = any(".tmp-" in p.name for p in root.iterdir())
             if mid_write or latest.read_text().strip() >= "step_000008":
                 break
         time.sleep(0.0005)

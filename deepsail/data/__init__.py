@@ -11,7 +11,7 @@ from deepsail.data.loader import (
     read_manifest,
 )
 from deepsail.data.prepare import prepare
-from deepsail.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from deepsail.data.tokenizer import SPECIAL_TOKENS, Tokenizer, data_tokenizer, token_byte_lengths
 
 __all__ = [
     "BucketBatcher",
@@ -23,6 +23,7 @@ __all__ = [
     "SkipCounts",
     "TokenStream",
     "Tokenizer",
+    "data_tokenizer",
     "default_corpus",
     "default_corpus_info",
     "eval_batches",
@@ -30,4 +31,5 @@ __all__ = [
     "length_buckets",
     "prepare",
     "read_manifest",
+    "token_byte_lengths",
 ]

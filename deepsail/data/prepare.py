@@ -20,7 +20,6 @@ Which split a document goes to:
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from itertools import chain
@@ -39,9 +38,10 @@ from deepsail.data.corpus import (
     iter_documents,
     split_of,
 )
+from deepsail.data.loader import MANIFEST
 from deepsail.data.tokenizer import Tokenizer
+from deepsail.files import atomic_write_json, publish, remove, remove_debris, temp_sibling
 
-MANIFEST = "manifest.json"
 FORMAT = "deepsail.tokens.v1"
 SPLITS = ("train", "val")
 
@@ -58,6 +58,7 @@ class _ShardWriter:
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.shards: list[dict] = []  # {"file", "tokens", "docs"} per closed shard
         self._file = None
+        self._path = out
         self._tokens = 0
         self._docs = 0
 
@@ -67,7 +68,8 @@ class _ShardWriter:
         i, pos = 0, 0
         while i < len(docs):
             if self._file is None:
-                self._file = open(self.out / f"{self.split}_{len(self.shards):04d}.bin", "wb")
+                self._path = self.out / f"{self.split}_{len(self.shards):04d}.bin"
+                self._file = open(temp_sibling(self._path), "wb")
             # Take documents up to and including the one that fills the shard.
             cum = np.cumsum(lengths[i:])
             k = min(int(np.searchsorted(cum, self.shard_tokens - self._tokens, side="left")) + 1, len(docs) - i)
@@ -82,8 +84,18 @@ class _ShardWriter:
     def _close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self.shards.append({"file": Path(self._file.name).name, "tokens": self._tokens, "docs": self._docs})
+            publish(Path(self._file.name), self._path)
+            self.shards.append({"file": self._path.name, "tokens": self._tokens, "docs": self._docs})
             self._file, self._tokens, self._docs = None, 0, 0
+
+    def abort(self) -> None:
+        """Remove every shard this writer made (the one being written included)."""
+        if self._file is not None:
+            self._file.close()
+            remove(Path(self._file.name))
+            self._file = None
+        for s in self.shards:
+            remove(self.out / s["file"])
 
     def finish(self) -> dict:
         self._close()
@@ -158,6 +170,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     for old in [out / MANIFEST, *out.glob("train_*.bin"), *out.glob("val_*.bin")]:
         old.unlink(missing_ok=True)
+    remove_debris(out)
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
 
     from rich.console import Console
@@ -195,9 +208,7 @@ def prepare(
                 )
     except BaseException:
         for w in writers.values():  # no half-written shards left behind to be mistaken for data
-            w._close()
-            for s in w.shards:
-                (out / s["file"]).unlink(missing_ok=True)
+            w.abort()
         raise
     seconds = time.perf_counter() - t0
 
@@ -222,9 +233,7 @@ def prepare(
         "seconds": round(seconds, 3),
         "python": sys.version.split()[0],
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)  # the manifest appears last and whole: its presence means the shards are complete
+    atomic_write_json(out / MANIFEST, manifest)  # appears last and whole: its presence means the shards are complete
 
     if progress:
         console.print(
@@ -267,7 +276,14 @@ def data_prepare(
         int | None, typer.Option(help="Embedded corpus only: use at most this many bytes (for quick runs).")
     ] = None,
 ) -> None:
-    """Tokenize text into memory-mapped token shards (+ manifest.json) for training."""
+    """Tokenize text into memory-mapped token shards (+ manifest.json) for training.
+
+    \b
+    Examples:
+      deepsail data prepare --tokenizer tok --out data              # the embedded corpus
+      deepsail data prepare my_docs/ corpus.jsonl --tokenizer tok --out data --val-fraction 0.02
+      deepsail data prepare table.parquet --text-field body --tokenizer tok --out data
+    """
     prepare(
         inputs,
         tokenizer,

@@ -44,11 +44,16 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated, Iterable, Sequence
 
 import tokenizers
 import typer
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from deepsail.files import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -175,11 +180,11 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        with atomic_path(folder / "tokenizer.json") as tmp:
+            self._tok.save(str(tmp))
+        atomic_write_json(folder / "tokenizer_config.json", self.config)
         specials = {k: self.config[k] for k in ("bos_token", "eos_token", "pad_token") if k in self.config}
-        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_json(folder / "special_tokens_map.json", specials)
         return folder
 
     # --- encoding and decoding -----------------------------------------------------------------
@@ -362,6 +367,64 @@ def _compile_chat_template(source: str):
 
 
 # -----------------------------------------------------------------------------
+# Facts about a tokenizer that training and evaluation need
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: byte-level BPE writes byte b as one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor | None:
+    """[vocab] int64: how many UTF-8 bytes each token id stands for (0 for special tokens).
+
+    Exact for byte-level BPE (deepsail's tokenizers, and DeepSeek's, Qwen2's, Llama-3's): each
+    token's string is its bytes written one character per byte. Returns None for other tokenizers
+    (e.g. sentencepiece-style), for which bits per byte is then reported as nan.
+    """
+    import torch
+
+    decoder = _byte_decoder()
+    lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.int64)
+    for i in range(tokenizer.vocab_size):
+        if tokenizer.decode([i], skip_special_tokens=True) == "":  # a special token (or an empty one)
+            continue
+        piece = tokenizer.id_to_token(i)
+        if piece is None or any(c not in decoder for c in piece):
+            return None
+        lengths[i] = len(piece)
+    return lengths
+
+
+def data_tokenizer(data_dir: str | os.PathLike, path: str | os.PathLike = "") -> Tokenizer:
+    """The tokenizer a prepared data folder was made with: `path` if given, else the data folder, else the folder
+    its manifest names. The manifest's sha256 fingerprint must match, so a checkpoint never ships the wrong one."""
+    from deepsail.data.loader import read_manifest
+
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    recorded = manifest["tokenizer"].get("path")
+    candidates = [Path(path)] if path else [data_dir, *([Path(recorded), data_dir / recorded] if recorded else [])]
+    for folder in candidates:
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(folder)
+            if tokenizer.sha256 != manifest["tokenizer"]["sha256"]:
+                raise ValueError(f"the tokenizer in {folder} is not the one {data_dir} was tokenized with (sha256 "
+                                 f"differs); pass the right one with --tokenizer DIR, or re-run `deepsail data prepare`.")
+            return tokenizer
+    raise ValueError(f"cannot find the tokenizer {data_dir} was made with (looked in {[str(c) for c in candidates]}); "
+                     f"pass it with --tokenizer DIR.")
+
+
+# -----------------------------------------------------------------------------
 # The CLI verb: `deepsail tokenizer train`
 
 
@@ -384,7 +447,13 @@ def tokenizer_train(
     ] = None,
     min_frequency: Annotated[int, typer.Option(help="A pair must occur this often to be merged.")] = 2,
 ) -> None:
-    """Train a byte-level BPE tokenizer and save it as an HF-loadable folder."""
+    """Train a byte-level BPE tokenizer and save it as an HF-loadable folder (tokenizer.json + chat template).
+
+    \b
+    Examples:
+      deepsail tokenizer train --vocab-size 8192 --out tok          # on the embedded corpus
+      deepsail tokenizer train my_docs/ corpus.jsonl --vocab-size 32000 --out tok
+    """
     from rich.console import Console
 
     from deepsail.data.corpus import default_corpus, default_corpus_info, input_files

@@ -2,11 +2,11 @@
 continuous-batching engine the server runs on."""
 
 from deepsail.infer.engine import Engine, EngineClosed, EngineConfig, QueueFull, RequestHandle
-from deepsail.infer.generate import Generation, beam_search, generate, load, resolve_checkpoint, stream
+from deepsail.infer.generate import Generation, beam_search, generate, load, stream
 from deepsail.infer.sampling import SamplingParams, StreamEvent, sample
 from deepsail.infer.speculative import speculative_decode
 
 __all__ = [
     "Engine", "EngineClosed", "EngineConfig", "Generation", "QueueFull", "RequestHandle", "SamplingParams",
-    "StreamEvent", "beam_search", "generate", "load", "resolve_checkpoint", "sample", "speculative_decode", "stream",
+    "StreamEvent", "beam_search", "generate", "load", "sample", "speculative_decode", "stream",
 ]

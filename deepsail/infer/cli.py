@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,20 +11,19 @@ from typing import Annotated, Any
 
 import typer
 
+from deepsail.flags import Options, options
+from deepsail.infer.sampling import SamplingParams
+from deepsail.precision import DEVICE_HELP, PRECISION_HELP
+
 PathArg = Annotated[
     Path,
     typer.Argument(help="A model dir (config.json + *.safetensors + tokenizer.json, e.g. from the HF hub) or a "
                         "deepsail training run folder (its checkpoints/latest is used).", show_default=False),
 ]
-MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")]
-TopK = Annotated[int, typer.Option(help="Sample from the k most likely tokens only; 0 = off.")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set of tokens with this much mass; 1 = off.")]
-MinP = Annotated[float, typer.Option(help="Drop tokens below min_p x the top token's probability; 0 = off.")]
-RepetitionPenalty = Annotated[float, typer.Option(help="Penalise tokens already seen (>1); 1 = off.")]
-Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
-DType = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU).")]
+# Shared with `deepsail serve`: one definition of where and in what precision a model runs.
+Device = Annotated[str, typer.Option(help=DEVICE_HELP + ".")]
+DType = Annotated[str, typer.Option(help=PRECISION_HELP + "; auto = bf16 on GPU, fp32 on CPU.")]
+SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
 def _unescape(text: str) -> str:
@@ -31,7 +31,7 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _load(path: Path, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+def _load(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
     from deepsail.infer.generate import load
 
     model, tokenizer = load(path, device=device, dtype=dtype)
@@ -41,25 +41,18 @@ def _load(path: Path, device: str | None, dtype: str | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+@options(params=Options(SamplingParams, only=(*SAMPLING, "stop"), defaults=dict(max_tokens=128)))
 def generate_command(
     path: PathArg,
+    params: SamplingParams,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (\\n = newline); repeat for a batch.",
                                               show_default=False)],
-    max_tokens: MaxTokens = 128,
-    temperature: Temperature = 1.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    min_p: MinP = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
-    seed: Seed = None,
-    stop: Annotated[list[str] | None, typer.Option(
-        help="Stop string (repeatable, \\n = newline); the output ends before it.")] = None,
     num_beams: Annotated[int, typer.Option(help="Beam search with this many beams (deterministic).")] = 1,
     length_penalty: Annotated[float, typer.Option(help="Beam search: >1 favours longer outputs, <1 shorter.")] = 1.0,
     speculative: Annotated[int, typer.Option(
         help="Self-speculative greedy decoding: draft this many tokens per step with the MTP head.")] = 0,
-    device: Device = None,
-    dtype: DType = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
 ) -> None:
     """Generate text from a prompt (streamed when there is one prompt).
 
@@ -73,12 +66,15 @@ def generate_command(
     from rich.console import Console
 
     from deepsail.infer.generate import generate, stream
-    from deepsail.infer.sampling import SamplingParams
 
     err = Console(stderr=True)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                            stop=[_unescape(s) for s in stop or ()])
+    if num_beams < 1:
+        raise ValueError(f"--num-beams {num_beams}: must be at least 1")
+    if speculative < 0:
+        raise ValueError(f"--speculative {speculative}: the number of drafted tokens is >= 0 (0 = off)")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"--length-penalty {length_penalty}: must be a finite number")
+    params = dataclasses.replace(params, stop=[_unescape(s) for s in params.stop])
     prompt = [_unescape(p) for p in prompt]
     model, tokenizer = _load(path, device, dtype)
     t0 = time.perf_counter()
@@ -107,18 +103,13 @@ def generate_command(
     err.print(f"[dim]{summary} in {seconds:.2f}s ({n / seconds:.1f} tok/s)[/dim]")
 
 
+@options(params=Options(SamplingParams, only=SAMPLING, defaults=dict(max_tokens=512, temperature=0.7, top_p=0.95)))
 def chat_command(
     path: PathArg,
+    params: SamplingParams,
     system: Annotated[str | None, typer.Option(help="System message that opens the conversation.")] = None,
-    max_tokens: MaxTokens = 512,
-    temperature: Temperature = 0.7,
-    top_k: TopK = 0,
-    top_p: TopP = 0.95,
-    min_p: MinP = 0.0,
-    repetition_penalty: RepetitionPenalty = 1.0,
-    seed: Seed = None,
-    device: Device = None,
-    dtype: DType = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
 ) -> None:
     """Chat with a model in the terminal, using its tokenizer's chat template.
 
@@ -132,11 +123,8 @@ def chat_command(
     from rich.console import Console
 
     from deepsail.infer.generate import stream
-    from deepsail.infer.sampling import SamplingParams
 
     err = Console(stderr=True)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     model, tokenizer = _load(path, device, dtype)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{path}'s tokenizer has no chat template (tokenizer_config.json `chat_template`); "

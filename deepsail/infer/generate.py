@@ -31,9 +31,10 @@ from deepsail.infer.sampling import (
     default_stop_ids,
     sample_states,
 )
+from deepsail.infer.batching import Prompt, check_fits, encode_prompt, model_device, pad_rows
+from deepsail.infer.speculative import speculative_decode
 from deepsail.model import KVCache, Transformer
-
-Prompt = str | Sequence[int]
+from deepsail.precision import resolve_device, resolve_precision, to_dtype
 
 
 @dataclass
@@ -56,80 +57,20 @@ class Generation:
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An HF model dir as is; a training run folder (or its checkpoints/ folder) -> the checkpoint `latest` names."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    for pointer in (p / "checkpoints" / "latest", p / "latest"):
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            if not (pointer.parent / name / "config.json").is_file():
-                raise ValueError(f"{pointer} names checkpoint {name!r}, but {pointer.parent / name} has no config.json")
-            return pointer.parent / name
-    raise ValueError(
-        f"{str(p)!r} is neither a model directory (config.json + *.safetensors + tokenizer.json) nor a deepsail "
-        "training run folder (with checkpoints/latest). Point at one of those, e.g. runs/base or "
-        "runs/base/checkpoints/step_001000"
-    )
-
-
 def load(path: str | Path, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None) -> tuple[Transformer, Any]:
-    """(model in eval mode, tokenizer or None) from an HF dir or a run folder. Defaults: CUDA in bf16 when there is
-    a GPU, else CPU in fp32 (bf16 matmuls on CPU are slow)."""
+    """(model in eval mode, tokenizer or None) from an HF dir or a run folder (its latest checkpoint). `device` and
+    `dtype` take deepsail's words (auto: CUDA in bf16 when there is a GPU, else CPU in fp32)."""
     from deepsail.data.tokenizer import Tokenizer
     from deepsail.model import from_pretrained
+    from deepsail.train.checkpoint import resolve_checkpoint
 
     folder = resolve_checkpoint(path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(device)
+    dtype = to_dtype(resolve_precision(dtype, device, inference=True))
     model = from_pretrained(folder, dtype=dtype, device=device).eval()
     tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
     return model, tokenizer
-
-
-# --- helpers ---------------------------------------------------------------------------------------------------------
-def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass one, or pass token ids")
-        ids = tokenizer.encode(prompt)
-        ids = list(getattr(ids, "ids", ids))  # a raw `tokenizers.Tokenizer` returns an Encoding
-        # HF checkpoints that were trained with a BOS in front of every text say so in tokenizer_config.json
-        # (DeepSeek-V2/V3/R1 do); deepsail's own tokenizers do not (documents are only separated by EOS).
-        bos = getattr(tokenizer, "bos_id", None)
-        if getattr(tokenizer, "config", {}).get("add_bos_token") and bos is not None and ids[:1] != [bos]:
-            ids = [bos] + ids
-    else:
-        ids = [int(i) for i in prompt]
-    if not ids:
-        raise ValueError("empty prompt: generation needs at least one token to condition on")
-    return ids
-
-
-def _pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, T] ids and their [B] lengths."""
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
-
-
-def _device(model: Transformer) -> torch.device:
-    return model.embed_tokens.weight.device
-
-
-def _check_fits(model: Transformer, rows: Sequence[Sequence[int]], max_tokens: int, extra: int = 0) -> None:
-    limit = model.config.max_position_embeddings
-    longest = max(len(r) for r in rows)
-    if longest + max_tokens + extra > limit:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_tokens={max_tokens} exceeds the model's context of {limit} tokens; "
-            "shorten the prompt or lower max_tokens"
-        )
 
 
 def _to_generation(state: DecodeState) -> Generation:
@@ -152,10 +93,10 @@ def _decode(model: Transformer, rows: list[list[int]], states: list[DecodeState]
     pair.
     """
     B, R = len(states), len(rows)
-    device = _device(model)
+    device = model_device(model)
     max_new = max(s.params.max_tokens for s in states)
     cache = model.new_cache(R, max(len(r) for r in rows) + max_new)
-    ids, lens = _pad(rows, device)
+    ids, lens = pad_rows(rows, device)
     logits = model(ids, cache=cache, input_lens=lens, last_logits_only=True).logits[:, 0]
     while True:
         if cad_alpha is not None:
@@ -181,7 +122,7 @@ def stream(model: Transformer, tokenizer: Any, prompt: Prompt, params: SamplingP
     """One prompt, token by token (what `deepsail generate` and `deepsail chat` print)."""
     params = params or SamplingParams(**sampling)
     ids = encode_prompt(tokenizer, prompt)
-    _check_fits(model, [ids], params.max_tokens)
+    check_fits(model, [ids], params.max_tokens)
     state = DecodeState(ids, params, tokenizer, default_stop_ids(model.config, tokenizer))
     for step in _decode(model.eval(), [ids], [state]):
         for _, event in step:
@@ -233,14 +174,12 @@ def generate(
     if num_beams > 1:
         if any(p != per_prompt[0] for p in per_prompt):
             raise ValueError("beam search takes one SamplingParams for the whole batch")
-        _check_fits(model, rows, per_prompt[0].max_tokens)
+        check_fits(model, rows, per_prompt[0].max_tokens)
         return beam_search(model, tokenizer, rows, per_prompt[0], num_beams, length_penalty, eos)
 
     states = [DecodeState(r, p, tokenizer, eos) for r, p in zip(rows, per_prompt)]
     if speculative > 0:
-        from deepsail.infer.speculative import speculative_decode
-
-        _check_fits(model, rows, max(p.max_tokens for p in per_prompt), extra=speculative + 1)
+        check_fits(model, rows, max(p.max_tokens for p in per_prompt), extra=speculative + 1)
         draft, accepted = speculative_decode(model, rows, states, speculative)
         results = [_to_generation(s) for s in states]
         for g, d, a in zip(results, draft, accepted):
@@ -257,7 +196,7 @@ def generate(
         # Stop rules and the repetition penalty see the full with-context sequence.
         states = [DecodeState(wc, p, tokenizer, eos) for wc, p in zip(with_context, per_prompt)]
         rows, cad = with_context + rows, float(cad_alpha)
-    _check_fits(model, rows, max(p.max_tokens for p in per_prompt))
+    check_fits(model, rows, max(p.max_tokens for p in per_prompt))
     for _ in _decode(model, rows, states, cad_alpha=cad):
         pass
     return [_to_generation(s) for s in states]
@@ -288,14 +227,14 @@ def beam_search(model: Transformer, tokenizer: Any, prompts: list[list[int]], pa
     longer, <1 shorter); a prompt is done when it has num_beams hypotheses and no live beam can beat the worst."""
     W, B = num_beams, len(prompts)
     R, V = B * W, model.config.vocab_size
-    device = _device(model)
+    device = model_device(model)
     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids or ()))
     cache = model.new_cache(R, max(len(p) for p in prompts) + params.max_tokens)
 
     # Prefill each prompt once (through a view of its first beam's row), then copy that row to its other beams.
     first = torch.arange(B, device=device) * W
     view = KVCache(cache.pool, cache.block_table[first], torch.zeros(B, dtype=torch.long, device=device))
-    ids, lens = _pad(prompts, device)
+    ids, lens = pad_rows(prompts, device)
     logits = model(ids, cache=view, input_lens=lens, last_logits_only=True).logits[:, 0]
     _copy_rows(cache, first.repeat_interleave(W))
     cache.lens.copy_(lens.repeat_interleave(W))

@@ -18,10 +18,13 @@ continuous-batching engine all feed it one token at a time, so they agree on whe
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from deepsail.flags import knob
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
 
@@ -30,23 +33,27 @@ FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
 class SamplingParams:
     """How one request is decoded. Defaults follow vLLM/OpenAI: temperature 1, everything else off."""
 
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off; drop tokens whose probability is below min_p * the top token's
-    repetition_penalty: float = 1.0  # 1 = off; >1 discourages any token already in the prompt or output
-    stop: Sequence[str] = ()  # stop strings; the returned text ends right before the first one
-    stop_token_ids: Sequence[int] = ()  # extra ids that end the request (EOS always does unless ignore_eos)
-    seed: int | None = None  # same seed -> same tokens, whatever else is in the batch
-    logprobs: int | None = None  # None = off; 0 = chosen token's logprob; n = also the top n
-    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    max_tokens: int = knob(256, "Most tokens to generate.")
+    temperature: float = knob(1.0, "Sampling temperature; 0 = greedy.")
+    top_k: int = knob(0, "Sample from the k most likely tokens only; 0 = off.")
+    top_p: float = knob(1.0, "Nucleus sampling: the smallest set of tokens with this much probability; 1 = off.")
+    min_p: float = knob(0.0, "Drop tokens below min_p x the top token's probability; 0 = off.")
+    repetition_penalty: float = knob(1.0, "Penalise tokens already in the prompt or output (>1); 1 = off.")
+    stop: Sequence[str] = knob((), "Stop string (repeatable); the text ends right before the first one.")
+    stop_token_ids: Sequence[int] = knob((), "Extra token id that ends generation (EOS always does unless "
+                                             "--ignore-eos).")
+    seed: int | None = knob(None, "Random seed: the same seed gives the same tokens, whatever shares the batch.")
+    logprobs: int | None = knob(None, "Report log-probabilities: 0 = the chosen token's, n = also the top n.")
+    ignore_eos: bool = knob(False, "Keep generating past EOS (benchmarks).")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)}: must be a finite number")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens}: must be at least 1")
         if self.temperature < 0:
@@ -63,6 +70,8 @@ class SamplingParams:
             raise ValueError(f"logprobs={self.logprobs}: must be between 0 and 20 (OpenAI's limit)")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={list(self.stop_token_ids)}: token ids are >= 0")
 
     @property
     def greedy(self) -> bool:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from deepsail.infer.generate import _pad
+from deepsail.infer.batching import model_device, pad_rows
 from deepsail.infer.sampling import DecodeState
 from deepsail.model import KVCache, Transformer
 
@@ -46,13 +46,13 @@ def speculative_decode(model: Transformer, rows: Sequence[Sequence[int]], states
         raise ValueError("speculative decoding verifies greedy choices only: use temperature=0, no "
                          "repetition_penalty and no logprobs (or speculative=0)")
     B, k = len(rows), num_draft
-    device = model.embed_tokens.weight.device
+    device = model_device(model)
     ar = torch.arange(B, device=device)
     max_new = max(s.params.max_tokens for s in states)
     cache = model.new_cache(B, max(len(r) for r in rows) + max_new + k + 1)
     mtp_cache = KVCache(cache.pool, cache.block_table, torch.zeros_like(cache.lens))  # same blocks, own lens
 
-    ids, lens = _pad(rows, device)
+    ids, lens = pad_rows(rows, device)
     out = model(ids, cache=cache, input_lens=lens, last_logits_only=True, return_hidden=True)
     current = out.logits[:, 0].argmax(-1)  # t_n
     for b, tok in enumerate(current.tolist()):

@@ -1,26 +1,19 @@
-"""ModelConfig: every architectural number of a deepsail model, and its HF `config.json` form.
+"""ModelConfig: every architectural number of a deepsail model, validated.
 
 One dataclass covers the four architectures deepsail reads and writes (DeepSeek-V3, DeepSeek-V2, Qwen2, Llama):
 they are all the same decoder with different attention (MLA or GQA) and MLP (dense or DeepSeekMoE). Field names
-follow DeepSeek's HF config so `config.json` maps almost one to one.
+follow DeepSeek's HF config so `config.json` maps almost one to one; that mapping lives in `hf.py`, the one place
+that knows HF's names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
-ARCHITECTURES = {
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "deepseek_v2": "DeepseekV2ForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llama": "LlamaForCausalLM",
-}
 ROPE_TYPES = ("default", "yarn", "llama3")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 
@@ -213,175 +206,10 @@ class ModelConfig:
             raise ValueError(f"unknown preset {name!r}; choose from: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name])
 
-    # --- HF config.json -------------------------------------------------------------------------------------------
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Reads an HF `config.json` dict of a deepseek_v3, deepseek_v2, qwen2 or llama model."""
-        model_type = hf.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"config.json has model_type={model_type!r}; deepsail reads {', '.join(MODEL_TYPES)}")
-        rope_theta, rope_scaling = _read_rope(hf)
-        common = dict(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            initializer_range=hf.get("initializer_range", 0.02),
-            hidden_act=hf.get("hidden_act", "silu"),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-        )
-        if model_type in ("qwen2", "llama"):
-            if hf.get("mlp_bias"):
-                raise ValueError("config.json sets mlp_bias=true; deepsail's SwiGLU has no MLP bias")
-            heads = hf["num_attention_heads"]
-            return cls(
-                **common,
-                attention_type="gqa",
-                num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                # Qwen2 always has q/k/v bias (and no o bias); Llama puts attention_bias on all four.
-                attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
-                rope_interleave=False,
-            )
-        n_routed = hf.get("n_routed_experts") or 0
-        if model_type == "deepseek_v3":
-            topk_method, scoring = hf.get("topk_method", "noaux_tc"), hf.get("scoring_func", "sigmoid")
-        else:
-            topk_method, scoring = hf.get("topk_method") or "greedy", hf.get("scoring_func", "softmax")
-        return cls(
-            **common,
-            attention_type="mla",
-            attention_bias=bool(hf.get("attention_bias", False)),
-            q_lora_rank=hf.get("q_lora_rank") or 0,
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            rope_interleave=hf.get("rope_interleave", True),
-            n_routed_experts=n_routed,
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            num_experts_per_tok=hf.get("num_experts_per_tok") or 1,
-            moe_intermediate_size=hf.get("moe_intermediate_size") or 1,
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            topk_method=topk_method,
-            scoring_func=scoring,
-            # transformers' DeepseekV2 router never normalises (its norm_topk_prob is unused); read it as written.
-            norm_topk_prob=bool(hf.get("norm_topk_prob", model_type == "deepseek_v3")),
-            routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-            first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
-            moe_layer_freq=hf.get("moe_layer_freq") or 1,
-            aux_loss_alpha=hf.get("aux_loss_alpha", 0.0) if hf.get("seq_aux", True) else 0.0,
-            num_nextn_predict_layers=hf.get("num_nextn_predict_layers", 0) if model_type == "deepseek_v3" else 0,
-        )
-
-    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
-        """The HF `config.json` dict; `transformers.AutoConfig` reads it back to the same architecture."""
-        rope_parameters = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
-        rope_parameters.pop("type", None)
-        out: dict[str, Any] = dict(
-            architectures=[ARCHITECTURES[self.model_type]],
-            model_type=self.model_type,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.rms_norm_eps,
-            tie_word_embeddings=self.tie_word_embeddings,
-            initializer_range=self.initializer_range,
-            hidden_act=self.hidden_act,
-            rope_theta=self.rope_theta,
-            rope_parameters=rope_parameters,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            dtype=dtype,
-            use_cache=True,
-        )
-        if self.rope_scaling:
-            out["rope_scaling"] = {"type": self.rope_type, **rope_parameters}
-        if self.attention_type == "gqa":
-            out.update(num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim)
-            if self.model_type == "llama":
-                out.update(attention_bias=self.attention_bias, mlp_bias=False)
-            elif self.model_type == "qwen2":
-                if not self.attention_bias:
-                    raise ValueError("qwen2 always has q/k/v bias: set attention_bias=True (or use model_type llama)")
-                out.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
-        else:
-            out.update(
-                num_key_value_heads=self.num_attention_heads,
-                attention_bias=self.attention_bias,
-                q_lora_rank=self.q_lora_rank or None,
-                kv_lora_rank=self.kv_lora_rank,
-                qk_nope_head_dim=self.qk_nope_head_dim,
-                qk_rope_head_dim=self.qk_rope_head_dim,
-                v_head_dim=self.v_head_dim,
-                rope_interleave=self.rope_interleave,
-                n_routed_experts=self.n_routed_experts or None,
-                n_shared_experts=self.n_shared_experts or None,
-                num_experts_per_tok=self.num_experts_per_tok if self.is_moe else None,
-                moe_intermediate_size=self.moe_intermediate_size,
-                n_group=self.n_group,
-                topk_group=self.topk_group,
-                topk_method=self.topk_method,
-                scoring_func=self.scoring_func,
-                norm_topk_prob=self.norm_topk_prob,
-                routed_scaling_factor=self.routed_scaling_factor,
-                # A dense DeepSeek model is written as "every layer is one of the first k dense ones".
-                first_k_dense_replace=self.first_k_dense_replace if self.is_moe else self.num_hidden_layers,
-                moe_layer_freq=self.moe_layer_freq,
-                aux_loss_alpha=self.aux_loss_alpha,
-                seq_aux=True,
-            )
-            if self.model_type == "deepseek_v3":
-                if self.is_moe and (self.scoring_func != "sigmoid" or self.topk_method != "noaux_tc"):
-                    raise ValueError(
-                        f"deepseek_v3 routes with sigmoid scores and noaux_tc; this config has scoring_func="
-                        f"{self.scoring_func!r}, topk_method={self.topk_method!r}: save it as deepseek_v2"
-                    )
-                out["num_nextn_predict_layers"] = self.num_nextn_predict_layers
-            elif self.is_moe and self.scoring_func != "softmax":
-                raise ValueError("deepseek_v2 routes with softmax scores: set scoring_func='softmax'")
-        out.update(self.extra)
-        return out
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"{path} has no config.json; expected an HF model directory or a deepsail checkpoint")
-        return cls.from_hf(json.loads(config_file.read_text()))
-
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature correction, 0.1·m·ln(s) + 1 (DeepSeek-V2 appendix)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """HF has two spellings: `rope_theta` + `rope_scaling` (<= 4.x) and `rope_parameters` (5.x)."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"config.json rope type {rope_type!r} is not supported; deepsail reads {ROPE_TYPES}")
-    if rope_type == "yarn":
-        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
-    return float(theta), {"rope_type": rope_type, **params}
 
 
 def config_from_seed(

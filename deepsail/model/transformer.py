@@ -1,23 +1,23 @@
 """The decoder: embeddings -> N blocks (attention + dense MLP or DeepSeekMoE) -> norm -> head, plus MTP modules.
 
-Written for one device. Parallelism, compilation and activation checkpointing policies are applied from outside
-(the trainer); the only switch kept here is `activation_checkpointing`, honoured per block in training.
+Written for one device. Activation checkpointing, compilation and parallelism are applied from outside, in one
+place (`deepsail.parallel.parallelize`); HF checkpoint loading and saving come from the `HFCheckpoint` mixin
+(`hf.py`, the one place that knows HF's names).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from deepsail.model.attention import AttentionContext, GroupedQueryAttention, MultiHeadLatentAttention
 from deepsail.model.cache import KVCache, new_cache
 from deepsail.model.config import ModelConfig, config_from_seed
+from deepsail.model.hf import HFCheckpoint
 from deepsail.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from deepsail.model.moe import MoE
 
@@ -67,7 +67,7 @@ class MTPModule(nn.Module):
         return self.block(x, ctx)
 
 
-class Transformer(nn.Module):
+class Transformer(HFCheckpoint, nn.Module):
     """A DeepSeek-style decoder. `Transformer(config)` or, from a few numbers, `Transformer(layers=12, heads=16)`."""
 
     def __init__(self, config: ModelConfig | None = None, **seed: Any) -> None:
@@ -88,7 +88,6 @@ class Transformer(nn.Module):
             MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
         )
         self.rotary = RotaryEmbedding(config)
-        self.activation_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -133,10 +132,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         ctx = self._context(B, T, input_ids.device, cache, input_lens)
         for block in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, ctx, use_reentrant=False)
-            else:
-                x = block(x, ctx)
+            x = block(x, ctx)
         hidden = x
         if last_logits_only:
             last = (input_lens - 1) if input_lens is not None else torch.full((B,), T - 1, device=x.device)
@@ -269,8 +265,3 @@ class Transformer(nn.Module):
                   block_size: int = 16) -> KVCache:
         p = self.embed_tokens.weight
         return new_cache(self.config, batch_size, max_seq_len, dtype or p.dtype, p.device, block_size)
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 << 30) -> None:
-        from deepsail.model.hf import save_pretrained
-
-        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from deepsail.infer.cli import Device, DType
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
@@ -43,22 +45,23 @@ def serve_command(
         help="On SIGTERM/Ctrl-C: seconds in-flight requests get to finish before they are cut off.")] = 30.0,
     served_model_name: Annotated[str | None, typer.Option(
         show_default=False, help="Model id in /v1/models and responses. Default: the folder's name.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
-    dtype: Annotated[str | None, typer.Option(
-        help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU).")] = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
     threads: Annotated[int | None, typer.Option(
         show_default=False, help="CPU threads for the model's math (llama.cpp's --threads). Default: torch's, one "
                                  "per core. On a busy or shared CPU, fewer threads than cores is much faster.")] = None,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API.
 
-    Endpoints: /v1/chat/completions and /v1/completions (SSE with "stream": true), /v1/models, /generate (plain JSON), /health (503 while loading), /metrics (Prometheus).
+    Endpoints: /v1/chat/completions and /v1/completions (SSE with "stream": true), /v1/models, /generate (plain
+    JSON), /health (503 while loading), /metrics (Prometheus). Any OpenAI client works:
+    base_url="http://127.0.0.1:8000/v1".
 
+    \b
+    Examples:
       deepsail serve runs/base --port 8000
-
+      DEEPSAIL_API_KEY=sk-... deepsail serve runs/base --host 0.0.0.0 --max-batch-size 64
       curl localhost:8000/generate -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 32}'
-
-    Any OpenAI client works: base_url="http://127.0.0.1:8000/v1".
     """
     import uvicorn
 

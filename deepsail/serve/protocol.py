@@ -255,6 +255,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class APIError(Exception):
+    """An error with an HTTP status, rendered as OpenAI's {"error": {...}} body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()

@@ -8,10 +8,10 @@ A checkpoint is one directory, `<out>/checkpoints/step_000500/`, that is also a 
     state.pt                         loader position, loss-scaler state, RNG states (python, numpy, torch, cuda)
     trainer_state.json               step, tokens seen, elapsed time, and the TrainConfig
 
-Atomicity: everything is written into `step_000500.tmp/`, fsynced, then renamed in one
-`os.replace` (atomic on POSIX), and only then is the `latest` pointer file swapped the same way.
-A crash at any moment therefore leaves `latest` naming a complete checkpoint; a half-written
-`.tmp` directory is ignored and removed on resume.
+Atomicity: everything is written into a hidden temporary folder, fsynced, then renamed in one
+`os.replace` (atomic on POSIX; `deepsail.files.atomic_dir`), and only then is the `latest` pointer file
+swapped the same way. A crash at any moment therefore leaves `latest` naming a complete checkpoint; a
+half-written temporary is ignored and removed on resume.
 
 Loading never unpickles arbitrary objects: weights come from safetensors, metadata from JSON, and
 the two .pt files are read with `torch.load(weights_only=True)` (tensors and plain containers only).
@@ -20,7 +20,6 @@ the two .pt files are read with `torch.load(weights_only=True)` (tensors and pla
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -31,7 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepsail.files import atomic_dir, atomic_write_text, remove
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LATEST = "latest"  # the pointer file: one line, the name of the newest complete checkpoint
 
 
 def checkpoint_name(step: int) -> str:
@@ -63,36 +65,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --- durable writes ---
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under root, so the rename below publishes data that is on disk."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 # --- save ---
 
 
@@ -114,22 +86,14 @@ def save_checkpoint(
     """
     step = int(trainer_state["step"])
     final = root / checkpoint_name(step)
-    tmp = root / (final.name + ".tmp")
-    if tmp.exists():  # left by a crash mid-write; never referenced by `latest`
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"loader": loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-
-    _fsync_tree(tmp)
-    os.replace(tmp, final)  # the commit point for the directory...
-    _fsync_dir(root)
-    atomic_write_text(root / "latest", final.name + "\n")  # ...and for resume
+    with atomic_dir(final) as tmp:  # the commit point for the directory...
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"loader": loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    atomic_write_text(root / LATEST, final.name + "\n")  # ...and for resume
 
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
@@ -144,16 +108,33 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `root/latest` names, or None if there is none yet."""
-    pointer = root / "latest"
-    if not pointer.exists():
+def latest_checkpoint(root: Path, need: str = "trainer_state.json") -> Path | None:
+    """The checkpoint `root/latest` names, or None if there is none yet. The one reader of the pointer.
+
+    `need` is the file that makes it usable: the trainer state to resume from, or config.json to load the model."""
+    pointer = root / LATEST
+    if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / "trainer_state.json").exists():
+    if not (path / need).is_file():
         raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete; point it at one of "
                          f"{[p.name for p in list_checkpoints(root)]} or start a fresh --out.")
     return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model folder as is; a training run folder (or its checkpoints/ folder) -> the checkpoint `latest` names."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        if (root / LATEST).is_file():
+            return latest_checkpoint(root, need="config.json")
+    raise ValueError(
+        f"{str(p)!r} is neither a model directory (config.json + *.safetensors + tokenizer.json) nor a deepsail "
+        "training run folder (with checkpoints/latest). Point at one of those, e.g. runs/base or "
+        "runs/base/checkpoints/step_001000"
+    )
 
 
 def discard_newer(root: Path, step: int) -> None:
@@ -161,13 +142,13 @@ def discard_newer(root: Path, step: int) -> None:
 
     Checkpoints past `step` belong to the interrupted timeline (a crash between the rename and the
     `latest` update leaves a complete but unreferenced newer directory); the resumed run rewrites
-    them identically. Debris is everything else that is not `latest`: `.tmp` directories, and the
-    hidden temp directories `save_pretrained` swaps through.
+    them identically. Debris is everything else that is not `latest`: the hidden temporaries of writers
+    that were killed (`deepsail.files`).
     """
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if p.name != "latest" and (m is None or int(m.group(1)) > step):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.name != LATEST and (m is None or int(m.group(1)) > step):
+            remove(p)
 
 
 # --- load ---
@@ -191,4 +172,17 @@ def load_checkpoint(
     if state["scaler"]:  # empty when saved without fp16; a resume may switch precision
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The step, tokens, elapsed time and TrainConfig a checkpoint was saved with."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file} is unreadable ({e}); the checkpoint is damaged. Point {file.parent.parent}/latest "
+                         "at an earlier checkpoint, or start a fresh --out.") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{file} has no step; it was not written by deepsail's trainer.")
+    return state

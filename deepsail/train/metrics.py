@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from deepsail.files import atomic_path, atomic_write_json, atomic_write_text
+
 # Dense peak FLOP/s, (bf16/fp16 tensor core, fp32 non-tensor core), from NVIDIA datasheets.
 # Matched against torch.cuda.get_device_name() in order, so the more specific names come first.
 # TF32 (fp32 matmuls with allow_tf32) is half the bf16 figure on every part listed. Parts without
@@ -91,11 +93,16 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     else:
         key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{precision}"
     cache = _cache_path()
-    table = json.loads(cache.read_text()) if cache.exists() else {}
+    try:
+        table = json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, ValueError):
+        table = {}  # an unreadable cache is only a lost measurement: measure again
     if key not in table:
         table[key] = measure_matmul_flops(device, dtype)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(table, indent=2) + "\n")
+        try:
+            atomic_write_json(cache, table)
+        except OSError:
+            pass  # a read-only home directory costs half a second per run, not the run
     return table[key], f"measured 2048^3 {precision} matmul, cached in {cache}"
 
 
@@ -108,11 +115,23 @@ def save_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a last line cut short by a crash is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 class MetricsLogger:
@@ -131,9 +150,10 @@ class MetricsLogger:
         if resume_step is None:  # a fresh run: no curves from an earlier attempt in this folder
             shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         elif self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        # Rewritten whole (atomically), then appended to a line at a time: a crash can cut at most the last line,
+        # which `read_metrics` skips.
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.path, "a")
         purge = None if resume_step is None else resume_step + 1
         self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
@@ -155,9 +175,13 @@ class MetricsLogger:
 
         path = path or self.out_dir / "loss.png"
         fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-        # Next-token loss on both curves: the train total also holds the MTP and aux terms, val never does.
+        # Next-token loss on both curves where there is one: the train total also holds the MTP and aux terms, val
+        # never does.
         for split, key, style in (("train", "lm_loss", "-"), ("val", "loss", "o-")):
             rows = [r for r in self.rows if r["split"] == split and key in r]
+            if not rows and split == "train":
+                key = "loss"
+                rows = [r for r in self.rows if r["split"] == split and key in r]
             if rows:
                 ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=f"{split} loss", ms=4)
         return save_plot(fig, ax, "step", "loss (nats/token)", path)

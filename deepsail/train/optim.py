@@ -61,6 +61,6 @@ def decay_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
     fractions = [0.0]
     if cfg.steps is not None:
         fractions.append((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    if cfg.max_minutes is not None:
-        fractions.append(elapsed_s / (60.0 * cfg.max_minutes))
+    if cfg.minutes is not None:
+        fractions.append(elapsed_s / (60.0 * cfg.minutes))
     return min(1.0, max(fractions))

@@ -1,0 +1,266 @@
+"""The generation endpoints: OpenAI's /v1/completions and /v1/chat/completions, /v1/models, and a plain /generate.
+
+How a request flows: validate (pydantic, in `protocol.py`, then the checks that need the model: context length,
+vocabulary) -> tokenize off the event loop -> `engine.submit` one handle per choice -> merge the handles' event
+streams (`streams.ChoiceStreams`) -> SSE chunks or one JSON body. The two OpenAI endpoints differ only in how a
+prompt is made (text or token ids vs a chat template) and how a token is written out (`text` vs `delta`, their
+logprob layouts); the stream / collect / usage path is one (`_respond`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from deepsail.infer.sampling import SamplingParams
+from deepsail.serve import protocol as P
+from deepsail.serve.metrics import ServerMetrics
+from deepsail.serve.protocol import APIError
+from deepsail.serve.streams import ChoiceStreams, collect, sse_response
+
+# `Served`, `ServerConfig` and the app's `State` are defined in app.py, which imports this module to add the routes;
+# here they are only read (served.engine / .tokenizer / .max_model_len / .vocab_size, cfg.model_name ...).
+Served = ServerConfig = State = Any
+
+MAX_CHOICES = 64  # prompts × n per request: each choice is a separate sequence in the batch
+
+
+# --- turning a request into engine jobs ------------------------------------------------------------------------------
+def sampling_params(req: P.SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+            min_p=req.min_p, repetition_penalty=req.repetition_penalty, stop=req.stop_list,
+            stop_token_ids=req.stop_token_ids or (), ignore_eos=req.ignore_eos, logprobs=logprobs,
+            # n choices with one seed must still differ from each other, and each stay reproducible.
+            seed=None if req.seed is None else (req.seed + seed_offset) % (P.MAX_SEED + 1),
+        )
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+
+
+def fit(served: Served, prompt_len: int, max_tokens: int | None) -> int:
+    """max_tokens after checking prompt + max_tokens against the context (None = all that is left)."""
+    limit = served.max_model_len
+    if max_tokens is None:
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; your prompt has "
+                                f"{prompt_len} tokens, which leaves no room to generate. Shorten the prompt.")
+        return limit - prompt_len
+    if prompt_len + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens, however you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                            "completion). Shorten the prompt or lower max_tokens.", param="max_tokens")
+    return max_tokens
+
+
+def check_ids(served: Served, ids: list[int]) -> None:
+    if not ids:
+        raise APIError(400, "empty prompt: generation needs at least one token to condition on", param="prompt")
+    bad = next((i for i in ids if i >= served.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is out of range: the vocabulary has {served.vocab_size} ids",
+                       param="prompt")
+
+
+def submit(served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], SamplingParams]]) -> list[Any]:
+    """Submit every choice or none: a full queue part way through cancels the ones already in."""
+    from deepsail.infer.engine import EngineClosed, QueueFull
+
+    handles: list[Any] = []
+    try:
+        for ids, params in jobs:
+            handles.append(served.engine.submit(ids, params))
+    except EngineClosed as e:
+        for h in handles:
+            h.cancel()
+        raise APIError(503, "the server is shutting down and takes no new requests", "service_unavailable") from e
+    except QueueFull as e:
+        for h in handles:
+            h.cancel()
+        raise APIError(429, f"the server is at capacity ({e or 'request queue full'}); retry after "
+                            f"{cfg.retry_after_s}s", "server_overloaded",
+                       headers={"Retry-After": str(cfg.retry_after_s)}) from e
+    except ValueError as e:
+        for h in handles:
+            h.cancel()
+        raise APIError(400, str(e)) from e
+    return handles
+
+
+# --- writing results out ---------------------------------------------------------------------------------------------
+def token_logprobs(tok: Any, evs: list[Any]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """(token text, logprob, [(top token text, logprob)]) per generated token: what both endpoints report."""
+    return [(tok.decode([ev.token_id]), ev.logprob, [(tok.decode([t]), lp) for t, lp in ev.top_logprobs or []])
+            for ev in evs if ev.token_id is not None]
+
+
+def finish_reason(evs: list[Any]) -> str | None:
+    return next((ev.finish_reason for ev in reversed(evs) if ev.finish_reason), None)
+
+
+def usage(prompt_tokens: int, streams: ChoiceStreams) -> P.Usage:
+    c = sum(streams.completion_tokens)
+    return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=c, total_tokens=prompt_tokens + c)
+
+
+async def _respond(request: Request, req: P.SamplingFields, streams: ChoiceStreams,
+                   chunks: Callable[[int, Any], list[dict]], usage_chunk: Callable[[], dict],
+                   body: Callable[[list[list[Any]]], Any]) -> Any:
+    """The one stream / collect path: SSE of `chunks` (+ the usage chunk when asked), or `body` of all events."""
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return sse_response(request, streams, chunks, lambda: [usage_chunk()] if include_usage else [])
+    per_choice, connected = await collect(request, streams)
+    if not connected:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return body(per_choice)
+
+
+# --- the routes --------------------------------------------------------------------------------------------------------
+def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMetrics, protected: list[Any]) -> None:
+    errors = {400: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse}}
+
+    def model_name(s: Served) -> str:
+        return cfg.model_name or s.model_name
+
+    @app.get("/v1/models", dependencies=protected, response_model=P.ModelList)
+    async def models() -> P.ModelList:
+        s = state.ready()
+        return P.ModelList(data=[P.ModelCard(id=model_name(s), max_model_len=s.max_model_len)])
+
+    @app.post("/v1/completions", dependencies=protected, response_model=P.CompletionResponse, responses=errors)
+    async def completions(req: P.CompletionRequest, request: Request) -> Any:
+        arrival = time.perf_counter()
+        s = state.ready()
+        tok = s.tokenizer
+        prompts = req.prompts()
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts × n={req.n} = {len(prompts) * req.n} sequences; at most "
+                                f"{MAX_CHOICES} per request", param="n")
+        encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+        jobs, prompt_tokens = [], 0
+        for ids in encoded:
+            check_ids(s, ids)
+            max_tokens = fit(s, len(ids), req.max_tokens)
+            prompt_tokens += len(ids)
+            jobs += [(ids, sampling_params(req, max_tokens, req.logprobs, j)) for j in range(req.n)]
+        metrics.prompt_tokens.inc(prompt_tokens)
+        echo = [tok.decode(ids) if req.echo else "" for ids in encoded for _ in range(req.n)]
+        streams = ChoiceStreams(submit(s, cfg, jobs), metrics, arrival)
+        head = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": model_name(s)}
+        offsets = [len(e) for e in echo]  # text_offset of the next token, per choice
+        first = [True] * len(jobs)
+
+        def logprobs_of(i: int, evs: list[Any]) -> P.CompletionLogprobs | None:
+            if req.logprobs is None:
+                return None
+            out = P.CompletionLogprobs()
+            for piece, lp, top in token_logprobs(tok, evs):
+                out.tokens.append(piece)
+                out.token_logprobs.append(lp)
+                out.top_logprobs.append(dict(top) if req.logprobs else None)
+                out.text_offset.append(offsets[i])
+                offsets[i] += len(piece)
+            return out
+
+        def chunks(i: int, ev: Any) -> list[dict]:
+            text = ev.text
+            if first[i]:
+                text, first[i] = echo[i] + text, False
+            if not (text or ev.finish_reason or req.logprobs is not None):
+                return []
+            choice = P.CompletionChoice(index=i, text=text, logprobs=logprobs_of(i, [ev]),
+                                        finish_reason=ev.finish_reason)
+            return [head | {"choices": [choice.model_dump()]}]
+
+        def body(per_choice: list[list[Any]]) -> P.CompletionResponse:
+            choices = [P.CompletionChoice(index=i, text=echo[i] + "".join(ev.text for ev in evs),
+                                          logprobs=logprobs_of(i, evs), finish_reason=finish_reason(evs))
+                       for i, evs in enumerate(per_choice)]
+            return P.CompletionResponse(**head, choices=choices, usage=usage(prompt_tokens, streams))
+
+        return await _respond(request, req, streams, chunks,
+                              lambda: head | {"choices": [], "usage": usage(prompt_tokens, streams).model_dump()},
+                              body)
+
+    @app.post("/v1/chat/completions", dependencies=protected, response_model=P.ChatCompletionResponse,
+              responses=errors)
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
+        arrival = time.perf_counter()
+        s = state.ready()
+        tok = s.tokenizer
+
+        def render() -> list[int]:
+            try:
+                text = tok.apply_chat_template(req.template_messages(),
+                                               add_generation_prompt=req.add_generation_prompt)
+            except Exception as e:  # a template's raise_exception (bad role order...) is the client's error
+                raise APIError(400, f"chat template rejected the messages: {e}", param="messages") from e
+            return tok.encode(text)
+
+        ids = await asyncio.to_thread(render)
+        check_ids(s, ids)
+        max_tokens = fit(s, len(ids), req.max_tokens)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        jobs = [(ids, sampling_params(req, max_tokens, logprobs, j)) for j in range(req.n)]
+        metrics.prompt_tokens.inc(len(ids))
+        streams = ChoiceStreams(submit(s, cfg, jobs), metrics, arrival)
+        head = {"id": P.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": P.now(),
+                "model": model_name(s)}
+        first = [True] * req.n
+
+        def logprobs_of(evs: list[Any]) -> P.ChoiceLogprobs | None:
+            if not req.logprobs:
+                return None
+            return P.ChoiceLogprobs(content=[
+                P.TokenLogprob(token=piece, logprob=lp, bytes=list(piece.encode()),
+                               top_logprobs=[P.TopLogprob(token=t, logprob=tlp, bytes=list(t.encode()))
+                                             for t, tlp in top])
+                for piece, lp, top in token_logprobs(tok, evs)])
+
+        def chunks(i: int, ev: Any) -> list[dict]:
+            out = []
+            if first[i]:  # OpenAI opens every choice with a role-only delta
+                first[i] = False
+                out.append(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            if ev.text or ev.finish_reason or req.logprobs:
+                lp = logprobs_of([ev])
+                out.append(head | {"choices": [{"index": i, "delta": {"content": ev.text} if ev.text else {},
+                                                "logprobs": lp.model_dump() if lp else None,
+                                                "finish_reason": ev.finish_reason}]})
+            return out
+
+        def body(per_choice: list[list[Any]]) -> P.ChatCompletionResponse:
+            choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content="".join(ev.text for ev in evs)),
+                                    logprobs=logprobs_of(evs), finish_reason=finish_reason(evs))
+                       for i, evs in enumerate(per_choice)]
+            return P.ChatCompletionResponse(id=head["id"], created=head["created"], model=head["model"],
+                                            choices=choices, usage=usage(len(ids), streams))
+
+        return await _respond(request, req, streams, chunks,
+                              lambda: head | {"choices": [], "usage": usage(len(ids), streams).model_dump()}, body)
+
+    @app.post("/generate", dependencies=protected, response_model=P.GenerateResponse, responses=errors)
+    async def generate(req: P.GenerateRequest, request: Request) -> Any:
+        """Plain text in, text out: {"prompt": "...", "max_tokens": 64, "temperature": 0} -> {"text": ...}."""
+        arrival = time.perf_counter()
+        s = state.ready()
+        ids = await asyncio.to_thread(s.tokenizer.encode, req.prompt)
+        check_ids(s, ids)
+        params = sampling_params(req, fit(s, len(ids), req.max_tokens), None, 0)
+        metrics.prompt_tokens.inc(len(ids))
+        streams = ChoiceStreams(submit(s, cfg, [(ids, params)]), metrics, arrival)
+
+        def body(per_choice: list[list[Any]]) -> P.GenerateResponse:
+            (evs,) = per_choice
+            return P.GenerateResponse(text="".join(ev.text for ev in evs), finish_reason=finish_reason(evs),
+                                      usage=usage(len(ids), streams))
+
+        return await _respond(request, req, streams, lambda i, ev: [], lambda: {}, body)
