@@ -68,9 +68,15 @@ def ds_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[:, prompt.shape[1]:]
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, prompt.shape[1] :]
 
 
 def alternate(fns: dict[str, callable], rounds: int, device: str) -> dict[str, float]:
@@ -165,8 +171,10 @@ def main() -> None:
         ours.save_pretrained(tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
     hf = hf.to(device)
-    print(f"device={device} torch={torch.__version__} transformers={transformers.__version__} threads="
-          f"{torch.get_num_threads()} allocator={allocator}")
+    print(
+        f"device={device} torch={torch.__version__} transformers={transformers.__version__} threads="
+        f"{torch.get_num_threads()} allocator={allocator}"
+    )
     print(f"model: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active")
 
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
@@ -181,17 +189,32 @@ def main() -> None:
         prompt = torch.randint(0, config.vocab_size, (batch, 32), device=device)
         # random weights give near-flat logits, where a 1e-6 difference can flip a near-tie: count rows
         same = int((ds_greedy(ours, prompt, 16) == hf_greedy(hf, prompt, 16)).all(1).sum())
-        t = alternate({"deepsail": lambda: ds_greedy(ours, prompt, new), "hf": lambda: hf_greedy(hf, prompt, new)},
-                      rounds, device)
-        rows.append((f"decode fp32 batch {batch} tok/s", batch * new / t["deepsail"], batch * new / t["hf"],
-                     f"  rows with 16 greedy tokens identical to HF: {same}/{batch}"))
+        t = alternate(
+            {"deepsail": lambda p=prompt: ds_greedy(ours, p, new), "hf": lambda p=prompt: hf_greedy(hf, p, new)},
+            rounds,
+            device,
+        )
+        rows.append(
+            (
+                f"decode fp32 batch {batch} tok/s",
+                batch * new / t["deepsail"],
+                batch * new / t["hf"],
+                f"  rows with 16 greedy tokens identical to HF: {same}/{batch}",
+            )
+        )
 
     tokens = args.batch * args.seq
     flops_tok = ours.flops_per_token(args.seq)
     for precision in ("fp32", "bf16"):
         peak, source = peak_flops(torch.device(device), precision)
-        t = alternate({"deepsail": train_step_fn(ours.train(), False, ids, precision, device),
-                       "hf": train_step_fn(hf.train(), True, ids, precision, device)}, rounds, device)
+        t = alternate(
+            {
+                "deepsail": train_step_fn(ours.train(), False, ids, precision, device),
+                "hf": train_step_fn(hf.train(), True, ids, precision, device),
+            },
+            rounds,
+            device,
+        )
         ours_tps, hf_tps = tokens / t["deepsail"], tokens / t["hf"]
         mfu = f"  MFU {100 * ours_tps * flops_tok / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({source.split(',')[0]})"
         rows.append((f"train {precision} {args.batch}x{args.seq} tok/s", ours_tps, hf_tps, mfu))
@@ -199,11 +222,15 @@ def main() -> None:
     weight_bytes = (ours.num_params(active=True) - ours.embed_tokens.weight.numel()) * 4
     bandwidth = copy_bandwidth(device)
     gemv = gemv_limit(ours, device)
-    print(f"batch-1 decode limits: {weight_bytes / 1e6:.0f} MB of fp32 weights per token\n"
-          f"  memory roofline: / {bandwidth / 1e9:.1f} GB/s copy bandwidth = {bandwidth / weight_bytes:.0f} tok/s")
+    print(
+        f"batch-1 decode limits: {weight_bytes / 1e6:.0f} MB of fp32 weights per token\n"
+        f"  memory roofline: / {bandwidth / 1e9:.1f} GB/s copy bandwidth = {bandwidth / weight_bytes:.0f} tok/s"
+    )
     for route, t in gemv.items():
-        print(f"  GEMV ({route + '):':<10} the step's matrix-vector products alone take {t * 1e3:.2f} ms "
-              f"({weight_bytes / t / 1e9:.1f} GB/s) = {1 / t:.0f} tok/s")
+        print(
+            f"  GEMV ({route + '):':<10} the step's matrix-vector products alone take {t * 1e3:.2f} ms "
+            f"({weight_bytes / t / 1e9:.1f} GB/s) = {1 / t:.0f} tok/s"
+        )
     print()
     print(f"{'measure':<32}{'deepsail':>12}{'HF':>12}{'ratio':>9}")
     for name, a, b, note in rows:

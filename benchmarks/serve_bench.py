@@ -78,8 +78,16 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log or os.devnull, "w")  # noqa: SIM115 - the server writes to it until stop()
-        cmd = [sys.executable, "-c", "from deepsail.cli import app; app()", "serve", str(model_dir),
-               "--port", str(self.port), *args]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from deepsail.cli import app; app()",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -126,8 +134,14 @@ class Level:
 
 
 async def stream_one(c: httpx.AsyncClient, prompt: str, max_tokens: int, level: Level) -> None:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
@@ -159,6 +173,7 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> L
         queue.put_nowait(PROMPTS[i % len(PROMPTS)])
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
+
         async def client() -> None:
             while not queue.empty():
                 await stream_one(c, queue.get_nowait(), max_tokens, level)
@@ -176,8 +191,14 @@ def hf_sequential(hf, tokenizer, prompts: list[str], max_tokens: int) -> tuple[f
     tokens, t0 = 0, time.perf_counter()
     for p in prompts:
         ids = torch.tensor([tokenizer.encode(p)])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                          min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         tokens += out.shape[1] - ids.shape[1]
     return time.perf_counter() - t0, tokens
 
@@ -185,10 +206,17 @@ def hf_sequential(hf, tokenizer, prompts: list[str], max_tokens: int) -> tuple[f
 @torch.no_grad()
 def hf_decode_tps(hf, ids: torch.Tensor, new: int, rounds: int) -> float:
     """Decode-only tok/s at batch 1: (time for `new` tokens - time for 1) / (new - 1), median over rounds."""
+
     def gen(n: int) -> float:
         t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                    pad_token_id=0)
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
         return time.perf_counter() - t0
 
     gen(new)  # warm-up
@@ -260,14 +288,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    print(f"torch={torch.__version__} transformers={transformers.__version__} cpu cores={os.cpu_count()} "
-          f"threads={threads} preset={args.preset} max_tokens={max_tokens}")
+    print(
+        f"torch={torch.__version__} transformers={transformers.__version__} cpu cores={os.cpu_count()} "
+        f"threads={threads} preset={args.preset} max_tokens={max_tokens}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp), args.preset)
         tokenizer = Tokenizer.load(folder)
-        server = ServerProcess(folder, "--threads", str(threads), "--max-batch-size", str(max(levels)),
-                               "--max-waiting", "4096", log=Path(tmp) / "server.log")
+        server = ServerProcess(
+            folder,
+            "--threads",
+            str(threads),
+            "--max-batch-size",
+            str(max(levels)),
+            "--max-waiting",
+            "4096",
+            log=Path(tmp) / "server.log",
+        )
         results: list[Level] = []
         try:
             server.wait_ready()
@@ -297,27 +335,37 @@ def main() -> None:
         per_token = decode_bytes_per_token(model, len(ids) + max_tokens // 2)
         limit = bw / per_token
 
-    print(f"\nserving: {args.preset} ({model.num_params() / 1e6:.1f}M params, {model.num_params(active=True) / 1e6:.1f}M "
-          f"active), greedy, {max_tokens} tokens per request, prompts {min(len(tokenizer.encode(p)) for p in PROMPTS)}-"
-          f"{max(len(tokenizer.encode(p)) for p in PROMPTS)} tokens")
-    head = (f"{'clients':>7} {'req/s':>7} {'out tok/s':>10} {'HF seq tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
-            f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'errors':>6}")
+    print(
+        f"\nserving: {args.preset} ({model.num_params() / 1e6:.1f}M params, {model.num_params(active=True) / 1e6:.1f}M "
+        f"active), greedy, {max_tokens} tokens per request, prompts {min(len(tokenizer.encode(p)) for p in PROMPTS)}-"
+        f"{max(len(tokenizer.encode(p)) for p in PROMPTS)} tokens"
+    )
+    head = (
+        f"{'clients':>7} {'req/s':>7} {'out tok/s':>10} {'HF seq tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'errors':>6}"
+    )
     print(head)
     print("-" * len(head))
     for lv in results:
         tps = lv.tokens / lv.wall
-        print(f"{lv.clients:>7} {len(lv.ttft) / lv.wall:>7.2f} {tps:>10.1f} {hf_tps:>13.1f} {tps / hf_tps:>5.2f}x "
-              f"{percentile(lv.ttft, 50) * 1e3:>7.0f}ms {percentile(lv.ttft, 99) * 1e3:>7.0f}ms "
-              f"{percentile(lv.tpot, 50) * 1e3:>7.1f}ms {percentile(lv.tpot, 99) * 1e3:>7.1f}ms {lv.errors:>6}")
+        print(
+            f"{lv.clients:>7} {len(lv.ttft) / lv.wall:>7.2f} {tps:>10.1f} {hf_tps:>13.1f} {tps / hf_tps:>5.2f}x "
+            f"{percentile(lv.ttft, 50) * 1e3:>7.0f}ms {percentile(lv.ttft, 99) * 1e3:>7.0f}ms "
+            f"{percentile(lv.tpot, 50) * 1e3:>7.1f}ms {percentile(lv.tpot, 99) * 1e3:>7.1f}ms {lv.errors:>6}"
+        )
     print(f"HF sequential: {n_hf} requests, {hf_rps:.2f} req/s, {hf_tps:.1f} tok/s")
     at32 = next((lv for lv in results if lv.clients == 32), None)
     if at32:
         r = at32.tokens / at32.wall / hf_tps
         print(f"goal >= 5x HF sequential at 32 clients: {r:.2f}x {'MET' if r >= 5 else 'NOT MET'}")
-    print(f"\nbatch-1 decode: engine {ours_b1:.1f} tok/s, HF generate {hf_b1:.1f} tok/s, ratio {ours_b1 / hf_b1:.2f}x "
-          f"(goal >= 2x: {'MET' if ours_b1 / hf_b1 >= 2 else 'NOT MET'})")
-    print(f"bandwidth limit: {per_token / 1e6:.1f} MB read per token / {bw / 1e9:.1f} GB/s copy bandwidth = "
-          f"{limit:.0f} tok/s; engine at {100 * ours_b1 / limit:.0f}% of it")
+    print(
+        f"\nbatch-1 decode: engine {ours_b1:.1f} tok/s, HF generate {hf_b1:.1f} tok/s, ratio {ours_b1 / hf_b1:.2f}x "
+        f"(goal >= 2x: {'MET' if ours_b1 / hf_b1 >= 2 else 'NOT MET'})"
+    )
+    print(
+        f"bandwidth limit: {per_token / 1e6:.1f} MB read per token / {bw / 1e9:.1f} GB/s copy bandwidth = "
+        f"{limit:.0f} tok/s; engine at {100 * ours_b1 / limit:.0f}% of it"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,15 @@ async def one(c: httpx.AsyncClient, i: int, max_tokens: int, deadline: float, ou
     if hang_up:
         kind = "chat_stream"
     if kind == "chat_stream":
-        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Tell me about {i}"}],
-                                              "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        path, body = (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": f"Tell me about {i}"}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        )
     elif kind == "completion":
         path, body = "/v1/completions", {"prompt": f"def f{i}(x):", "max_tokens": max_tokens, "seed": i}
     else:
@@ -124,8 +131,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="300 requests on the debug model")
     ap.add_argument("--requests", type=int, default=None, help="concurrent requests (default 1000, quick 300)")
-    ap.add_argument("--rounds", type=int, default=2, help="bursts in a row: a leak grows every round, a warm-up "
-                                                          "plateau does not")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="bursts in a row: a leak grows every round, a warm-up plateau does not"
+    )
     ap.add_argument("--preset", default=None, help="default deepseek-v3-small (quick: deepseek-v3-debug)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-seconds", type=float, default=300, help="time bound for all rounds together")
@@ -138,16 +146,32 @@ def main() -> None:
     walls, peaks, afters, gauges = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp) / "model", preset)
-        server = ServerProcess(folder, "--threads", str(args.threads), "--max-batch-size", "64", "--max-waiting",
-                               "128", "--max-model-len", "256", log=Path(tmp) / "server.log")
+        server = ServerProcess(
+            folder,
+            "--threads",
+            str(args.threads),
+            "--max-batch-size",
+            "64",
+            "--max-waiting",
+            "128",
+            "--max-model-len",
+            "256",
+            log=Path(tmp) / "server.log",
+        )
         try:
             server.wait_ready()
             pid = server.proc.pid
             with httpx.Client(base_url=server.url, timeout=60) as c:
                 for i in range(20):  # warm up every path once before taking the baseline
                     c.post("/v1/completions", json={"prompt": f"warm {i}", "max_tokens": args.max_tokens})
-                    c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                         "max_tokens": args.max_tokens, "stream": True})
+                    c.post(
+                        "/v1/chat/completions",
+                        json={
+                            "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": args.max_tokens,
+                            "stream": True,
+                        },
+                    )
                 time.sleep(1)
                 baseline = rss_mb(pid)
                 deadline = time.monotonic() + args.max_seconds
@@ -171,22 +195,33 @@ def main() -> None:
     done = outcomes["200"] + outcomes["hung up (designed)"]
     retried = ("429 (retried)", "reset before response (retried)")
     failures = {k: v for k, v in outcomes.items() if k not in ("200", "hung up (designed)", *retried)}
-    print(f"soak: {len(walls)} x {n} concurrent requests, {preset}, max_tokens={args.max_tokens}, server "
-          f"max_batch_size=64 max_waiting=128, threads={args.threads}")
-    print(f"wall per round: {', '.join(f'{w:.1f}s' for w in walls)} (bound {args.max_seconds:.0f}s in all); "
-          f"{outcomes['200'] / sum(walls):.1f} completed req/s")
+    print(
+        f"soak: {len(walls)} x {n} concurrent requests, {preset}, max_tokens={args.max_tokens}, server "
+        f"max_batch_size=64 max_waiting=128, threads={args.threads}"
+    )
+    print(
+        f"wall per round: {', '.join(f'{w:.1f}s' for w in walls)} (bound {args.max_seconds:.0f}s in all); "
+        f"{outcomes['200'] / sum(walls):.1f} completed req/s"
+    )
     for k, v in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<34}{v:>7}")
     print(f"completed {done}/{total}; failures: {sum(failures.values())} {failures or ''}")
     print(f"engine after: {gauges}")
-    print(f"server RSS MB: baseline {baseline:.0f}; per round peak / after: "
-          f"{', '.join(f'{p:.0f} / {a:.0f}' for p, a in zip(peaks, afters))}")
+    print(
+        f"server RSS MB: baseline {baseline:.0f}; per round peak / after: "
+        f"{', '.join(f'{p:.0f} / {a:.0f}' for p, a in zip(peaks, afters))}"
+    )
     growth = afters[-1] - afters[0]
     print(f"  first round settles at {afters[0] - baseline:+.0f} MB over baseline; later rounds add {growth:+.0f} MB")
     print(f"server exit on SIGTERM: {rc}; tracebacks in its log: {log.count('Traceback')}")
     # A leak grows with every round; allocator warm-up (arenas, caches sized by the first burst) does not.
-    ok = (not failures and done == total and not any(gauges.values()) and growth < 0.02 * baseline + 5
-          and afters[0] - baseline < 0.15 * baseline)
+    ok = (
+        not failures
+        and done == total
+        and not any(gauges.values())
+        and growth < 0.02 * baseline + 5
+        and afters[0] - baseline < 0.15 * baseline
+    )
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

@@ -51,9 +51,11 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} has no MTP modules (num_nextn_predict_layers=0): nothing drafts")
     prompts = prompts_from_val(tokenizer, n_prompts, args.prompt_tokens)
     kw = dict(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()} model: "
-          f"{model.num_params() / 1e6:.1f}M params ({model.num_params(include_mtp=True) / 1e6:.1f}M with MTP), "
-          f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.max_tokens} new tokens each\n")
+    print(
+        f"torch={torch.__version__} threads={torch.get_num_threads()} model: "
+        f"{model.num_params() / 1e6:.1f}M params ({model.num_params(include_mtp=True) / 1e6:.1f}M with MTP), "
+        f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.max_tokens} new tokens each\n"
+    )
 
     def run_all(batch: int, k: int) -> list:
         out = []
@@ -61,8 +63,10 @@ def main() -> None:
             out += generate(model, tokenizer, prompts[i : i + batch], speculative=k, **kw)
         return out
 
-    header = f"{'batch':>5}{'k':>3}{'plain tok/s':>13}{'spec tok/s':>12}{'ratio':>8}{'accept':>8}" \
-             f"{'tok/fwd':>9}{'round cost':>12}"
+    header = (
+        f"{'batch':>5}{'k':>3}{'plain tok/s':>13}{'spec tok/s':>12}{'ratio':>8}{'accept':>8}"
+        f"{'tok/fwd':>9}{'round cost':>12}"
+    )
     print(header)
     for batch in args.batch:
         for k in args.draft:
@@ -77,8 +81,10 @@ def main() -> None:
             plain, spec = results[0], results[k]
             mismatched = sum(a.token_ids != b.token_ids for a, b in zip(plain, spec))
             if mismatched:
-                raise SystemExit(f"speculative greedy differs from plain greedy on {mismatched} prompts (batch "
-                                 f"{batch}, k={k}): a correctness bug")
+                raise SystemExit(
+                    f"speculative greedy differs from plain greedy on {mismatched} prompts (batch "
+                    f"{batch}, k={k}): a correctness bug"
+                )
             tokens = sum(len(g.token_ids) for g in plain)
             t_plain, t_spec = statistics.median(times[0]), statistics.median(times[k])
             drafted = sum(g.draft_tokens for g in spec)
@@ -88,10 +94,14 @@ def main() -> None:
             per_forward = (accepted + forwards) / forwards
             # A plain step emits one token per row: cost of a round measured in plain steps.
             round_cost = (t_spec / forwards) / (t_plain / tokens)
-            print(f"{batch:>5}{k:>3}{tokens / t_plain:>13.0f}{tokens / t_spec:>12.0f}{t_plain / t_spec:>7.2f}x"
-                  f"{accepted / max(drafted, 1):>8.0%}{per_forward:>9.2f}{round_cost:>12.2f}")
-    print("\ntok/fwd: tokens emitted per main-model forward; round cost: one speculative round (draft + verify) "
-          "in plain decode steps")
+            print(
+                f"{batch:>5}{k:>3}{tokens / t_plain:>13.0f}{tokens / t_spec:>12.0f}{t_plain / t_spec:>7.2f}x"
+                f"{accepted / max(drafted, 1):>8.0%}{per_forward:>9.2f}{round_cost:>12.2f}"
+            )
+    print(
+        "\ntok/fwd: tokens emitted per main-model forward; round cost: one speculative round (draft + verify) "
+        "in plain decode steps"
+    )
 
 
 if __name__ == "__main__":

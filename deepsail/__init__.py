@@ -1,8 +1,8 @@
 """deepsail: a PyTorch toolkit for DeepSeek-style language models.
 
-    import deepsail as ds
-    model = ds.Transformer(layers=12, heads=16)       # a DeepSeek-V3-shaped model from a few numbers
-    model = ds.from_pretrained("path/to/hf-dir")      # DeepSeek-V3/V2, Qwen2, Llama checkpoints
+import deepsail as ds
+model = ds.Transformer(layers=12, heads=16)       # a DeepSeek-V3-shaped model from a few numbers
+model = ds.from_pretrained("path/to/hf-dir")      # DeepSeek-V3/V2, Qwen2, Llama checkpoints
 """
 
 from deepsail.model import KVCache, ModelConfig, ModelOutput, Transformer, from_pretrained

@@ -23,8 +23,9 @@ app = typer.Typer(
 
 app.command("run")(cli_verb(run))
 
-tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer (HF tokenizer.json + chat template).",
-                            no_args_is_help=True)
+tokenizer_app = typer.Typer(
+    help="Train a byte-level BPE tokenizer (HF tokenizer.json + chat template).", no_args_is_help=True
+)
 tokenizer_app.command("train")(cli_verb(tokenizer_train))
 app.add_typer(tokenizer_app, name="tokenizer")
 

@@ -89,8 +89,14 @@ def options(**groups: Options) -> Callable[[Callable[..., Any]], Callable[..., A
                 if isinstance(default, tuple):
                     default = list(default) or None
                 option = typer.Option(help=f.metadata["help"], **f.metadata["option"])
-                generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                   annotation=Annotated[annotation, option]))
+                generated.append(
+                    inspect.Parameter(
+                        f.name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=default,
+                        annotation=Annotated[annotation, option],
+                    )
+                )
                 # None from the CLI means "not given" unless None is the field's own default (a real value then)
                 plans[group_name].append((f.name, optional and f.default is None, default))
 
@@ -125,5 +131,8 @@ def _given(kwargs: dict[str, Any]) -> frozenset[str]:
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return frozenset(kwargs)
-    return frozenset(name for name in kwargs
-                     if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None))
+    return frozenset(
+        name
+        for name in kwargs
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    )

@@ -32,15 +32,29 @@ def plot_runs(curves: dict[str, Path], path: Path) -> Path:
         t0 = rows[0]["time"]
         train = [r for r in rows if r["split"] == "train" and "lm_loss" in r]
         val = [r for r in rows if r["split"] == "val" and "loss" in r]
-        ax.plot([(r["time"] - t0) / 60 for r in train], [r["lm_loss"] for r in train], "-", color=color,
-                alpha=0.6, label=f"{name} train")
-        ax.plot([(r["time"] - t0) / 60 for r in val], [r["loss"] for r in val], "o-", color=color, ms=4,
-                label=f"{name} val")
+        ax.plot(
+            [(r["time"] - t0) / 60 for r in train],
+            [r["lm_loss"] for r in train],
+            "-",
+            color=color,
+            alpha=0.6,
+            label=f"{name} train",
+        )
+        ax.plot(
+            [(r["time"] - t0) / 60 for r in val], [r["loss"] for r in val], "o-", color=color, ms=4, label=f"{name} val"
+        )
     return save_plot(fig, ax, "training time (minutes)", "next-token loss (nats/token)", path)
 
 
-def write_report(run_dir: Path, results: dict[str, Any], unigram_bpb: float, samples: list[tuple[str, str]],
-                 model_config: Any, manifest: dict[str, Any], timings: dict[str, float]) -> Path:
+def write_report(
+    run_dir: Path,
+    results: dict[str, Any],
+    unigram_bpb: float,
+    samples: list[tuple[str, str]],
+    model_config: Any,
+    manifest: dict[str, Any],
+    timings: dict[str, float],
+) -> Path:
     curves = {"MoE": run_dir} | ({"dense": run_dir / "dense"} if "dense" in results else {})
     plot = plot_runs(curves, run_dir / "report_loss.png")
     moe = results["moe"]

@@ -49,18 +49,27 @@ def unigram_bits_per_byte(data_dir: Path, tokenizer, batch_size: int, seq_len: i
     return float(bits / nbytes)
 
 
-@options(template=Options(TrainConfig, only=("out", "minutes", "model_preset", "batch_size", "seq_len", "lr",
-                                             "precision", "device", "seed"),
-                          defaults=dict(out="runs/default", minutes=8.0, model_preset="deepseek-v3-mini",
-                                        batch_size=16, lr=2e-3),
-                          fixed=dict(min_lr=0.0, steps=None)))  # min_lr is lr / 10, set below
+@options(
+    template=Options(
+        TrainConfig,
+        only=("out", "minutes", "model_preset", "batch_size", "seq_len", "lr", "precision", "device", "seed"),
+        defaults=dict(out="runs/default", minutes=8.0, model_preset="deepseek-v3-mini", batch_size=16, lr=2e-3),
+        fixed=dict(min_lr=0.0, steps=None),
+    )
+)  # min_lr is lr / 10, set below
 def run(
     template: TrainConfig,
-    compare_dense: Annotated[bool, typer.Option(help="Also train a dense model of equal active parameters for "
-                                                     "as long, and plot both curves (doubles the run time).")] = False,
+    compare_dense: Annotated[
+        bool,
+        typer.Option(
+            help="Also train a dense model of equal active parameters for "
+            "as long, and plot both curves (doubles the run time)."
+        ),
+    ] = False,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 4096,
-    max_bytes: Annotated[int | None, typer.Option(help="Use only this many bytes of the corpus (quick runs).",
-                                                  show_default=False)] = None,
+    max_bytes: Annotated[
+        int | None, typer.Option(help="Use only this many bytes of the corpus (quick runs).", show_default=False)
+    ] = None,
 ) -> Path:
     """Train a DeepSeek-style model from scratch on the embedded corpus and write RUN/report.md.
 
@@ -78,8 +87,13 @@ def run(
     from deepsail.train.pretrain import pretrain
 
     console = Console()
-    run_dir, minutes, preset, batch_size, seq_len = (Path(template.out), template.minutes, template.model_preset,
-                                                     template.batch_size, template.seq_len)
+    run_dir, minutes, preset, batch_size, seq_len = (
+        Path(template.out),
+        template.minutes,
+        template.model_preset,
+        template.batch_size,
+        template.seq_len,
+    )
     if (run_dir / "checkpoints").exists():
         raise ValueError(f"{run_dir} already holds a run; choose a new --out or delete it")
     if minutes is None:
@@ -107,17 +121,27 @@ def run(
 
     def train_config(out_dir: Path) -> TrainConfig:
         return template.replace(
-            data=str(run_dir / "data"), out=str(out_dir), tokenizer=str(run_dir / "tokenizer"), steps=None,
-            min_lr=template.lr / 10, warmup_steps=30, eval_every=100, eval_batches=eval_batches, log_every=10,
-            ckpt_every=200, keep_last=2, bias_update_rate=1e-3,
+            data=str(run_dir / "data"),
+            out=str(out_dir),
+            tokenizer=str(run_dir / "tokenizer"),
+            steps=None,
+            min_lr=template.lr / 10,
+            warmup_steps=30,
+            eval_every=100,
+            eval_batches=eval_batches,
+            log_every=10,
+            ckpt_every=200,
+            keep_last=2,
+            bias_update_rate=1e-3,
         )
 
     results = {"moe": pretrain(train_config(run_dir), model_config=model_config, console=console)}
     if compare_dense:
         console.rule(f"[bold]3b/5 pretrain the dense twin for {minutes:g} min")
         # Equal active parameters: every MLP as wide as the experts a token activates (routed top-k + shared).
-        active_width = model_config.moe_intermediate_size * (model_config.num_experts_per_tok +
-                                                             model_config.n_shared_experts)
+        active_width = model_config.moe_intermediate_size * (
+            model_config.num_experts_per_tok + model_config.n_shared_experts
+        )
         dense = model_config.replace(n_routed_experts=0, n_shared_experts=0, intermediate_size=active_width)
         results["dense"] = pretrain(train_config(run_dir / "dense"), model_config=dense, console=console)
 
@@ -127,8 +151,15 @@ def run(
 
     console.rule("[bold]5/5 samples and report")
     samples = _samples(results["moe"].checkpoint, tokenizer, template.seed)
-    report = write_report(run_dir, results, baseline, samples, model_config, manifest,
-                          timings={"tokenizer_s": tokenizer_s, "total_s": time.time() - started})
+    report = write_report(
+        run_dir,
+        results,
+        baseline,
+        samples,
+        model_config,
+        manifest,
+        timings={"tokenizer_s": tokenizer_s, "total_s": time.time() - started},
+    )
     console.print(f"[bold green]done in {(time.time() - started) / 60:.1f} min[/] — open {report}")
     return report
 
@@ -140,4 +171,3 @@ def _samples(checkpoint: str, tokenizer, seed: int) -> list[tuple[str, str]]:
     model = from_pretrained(checkpoint)
     outs = generate(model, tokenizer, SAMPLE_PROMPTS, max_tokens=80, temperature=0.7, top_k=40, seed=seed)
     return [(p, g.text) for p, g in zip(SAMPLE_PROMPTS, outs)]
-

@@ -99,7 +99,8 @@ def test_prepare_reads_every_kind_and_counts_skips(tmp_path, tok_dir):
     m = prepare([src], tok_dir, tmp_path / "out", val_fraction=0.0, progress=False)
     assert m["splits"]["train"]["docs"] == 6 and m["splits"]["val"]["docs"] == 0
     skipped = {k: v for k, v in m["skipped"].items() if k != "examples"}
-    # undecodable: latin1.txt + the \xff line; empty: empty.txt, "" line, "" row; missing: body, 5, None, 3 rows of e.parquet
+    # undecodable: latin1.txt + the \xff line; empty: empty.txt, "" line, "" row;
+    # missing: body, 5, None, 3 rows of e.parquet
     assert skipped == {"undecodable": 2, "empty": 3, "malformed_json": 1, "missing_text_field": 6}
     assert m["skipped"]["examples"]["malformed_json"].endswith("c.jsonl:2")
     assert m["dtype"] == "uint16" and m["tokenizer"]["vocab_size"] == 512

@@ -61,8 +61,9 @@ def seq_logprob(model: Transformer, prompt: list[int], gen: list[int]) -> float:
 def test_top_k_top_p_min_p_masks_per_row():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4, 4)
-    kept = mask_logits(logits, torch.tensor([2, 0, 0, 0]), torch.tensor([1.0, 0.7, 0.81, 1.0]),
-                       torch.tensor([0.0, 0.0, 0.0, 0.2])).isfinite()
+    kept = mask_logits(
+        logits, torch.tensor([2, 0, 0, 0]), torch.tensor([1.0, 0.7, 0.81, 1.0]), torch.tensor([0.0, 0.0, 0.0, 0.2])
+    ).isfinite()
     assert kept.tolist() == [
         [True, True, False, False],  # top-k 2
         [True, True, False, False],  # top-p 0.7: 0.5 + 0.3 reaches it
@@ -103,8 +104,11 @@ def test_sampled_frequencies_follow_the_transformed_distribution():
 def test_greedy_logprobs_and_penalty_in_one_batch():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
-    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0),
-              SamplingParams(temperature=0, repetition_penalty=1e6, logprobs=0)]
+    params = [
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1e6, logprobs=0),
+    ]
     top = logits[2].argmax().item()
     seen = torch.zeros(3, 50, dtype=torch.bool)
     seen[2, top] = True
@@ -121,14 +125,24 @@ def test_seeded_sampling_ignores_batch_neighbours():
     p = SamplingParams(seed=42)
     alone = [sample(logits, [p], [g]).token_ids.item() for g in [p.make_generator()] for _ in range(20)]
     gen, other = p.make_generator(), torch.Generator().manual_seed(7)
-    batched = [sample(torch.cat([torch.randn(1, 100), logits]), [SamplingParams(seed=7), p], [other, gen])
-               .token_ids[1].item() for _ in range(20)]
+    batched = [
+        sample(torch.cat([torch.randn(1, 100), logits]), [SamplingParams(seed=7), p], [other, gen]).token_ids[1].item()
+        for _ in range(20)
+    ]
     assert alone == batched
 
 
 def test_sampling_params_validate():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(min_p=2), dict(max_tokens=0),
-                dict(repetition_penalty=0), dict(logprobs=21), dict(stop=[""])):
+    for bad in (
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_k=-1),
+        dict(min_p=2),
+        dict(max_tokens=0),
+        dict(repetition_penalty=0),
+        dict(logprobs=21),
+        dict(stop=[""]),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -281,23 +295,28 @@ def test_cli_generate_prints_text(model_dir):
     assert expected.strip()
     ckpt = model_dir / "checkpoints" / "step_000010"
     for path in (model_dir, ckpt):
-        result = CliRunner().invoke(app, ["generate", str(path), "--prompt", "hello world", "--max-tokens", "8",
-                                          "--temperature", "0"])
+        result = CliRunner().invoke(
+            app, ["generate", str(path), "--prompt", "hello world", "--max-tokens", "8", "--temperature", "0"]
+        )
         assert result.exit_code == 0, result.output
         assert expected in result.stdout
 
 
 def test_cli_generate_batch_beams_and_errors(model_dir):
-    result = CliRunner().invoke(app, ["generate", str(model_dir), "-p", "hello", "-p", "def f", "--max-tokens", "4",
-                                      "--num-beams", "2"])
+    result = CliRunner().invoke(
+        app, ["generate", str(model_dir), "-p", "hello", "-p", "def f", "--max-tokens", "4", "--num-beams", "2"]
+    )
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["generate", str(model_dir / "nowhere"), "-p", "x"])
     assert result.exit_code == 1 and "neither a model directory" in result.output
 
 
 def test_cli_chat_round_trip(model_dir):
-    result = CliRunner().invoke(app, ["chat", str(model_dir), "--max-tokens", "4", "--temperature", "0"],
-                                input="hi there\n/reset\nhello\n/exit\n")
+    result = CliRunner().invoke(
+        app,
+        ["chat", str(model_dir), "--max-tokens", "4", "--temperature", "0"],
+        input="hi there\n/reset\nhello\n/exit\n",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("assistant> ") == 2
 

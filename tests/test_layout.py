@@ -96,7 +96,11 @@ def test_files_are_renamed_into_place_only_by_the_atomic_writer():
         if name == "deepsail.files":
             continue
         for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr in ("replace", "rename") and \
-                    isinstance(node.value, ast.Name) and node.value.id == "os":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("replace", "rename")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "os"
+            ):
                 offenders.append(f"{name}:{node.lineno}")
     assert not offenders, f"use deepsail.files (atomic_path / atomic_dir / publish) instead of os.replace: {offenders}"

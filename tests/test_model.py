@@ -31,7 +31,9 @@ def test_every_preset_forward_cache_batch_bf16(name):
         full = model(ids).logits
         assert full.shape == (3, 10, V) and torch.isfinite(full).all()
         cache = model.new_cache(3, 16, block_size=4)
-        steps = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)]
+        steps = [model(ids[:, :4], cache=cache).logits] + [
+            model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)
+        ]
         assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
         # a batch row gives the same logits as the row alone
         assert (model(ids[1:2]).logits - full[1:2]).abs().max() < 1e-4
@@ -79,7 +81,9 @@ def test_few_row_linear_routes_agree(monkeypatch, weight_major):
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache(2, 12)
-        steps = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)]
+        steps = [model(ids[:, :4], cache=cache).logits] + [
+            model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 10)
+        ]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
     assert bool(taken) == weight_major
 
@@ -126,14 +130,18 @@ def test_balance_bias_changes_choice_not_weights():
     scores2, ids2, w2 = router(x)
     assert torch.equal(scores, scores2) and not (ids2 == ids[0, 0]).any()
     # weights still come from the unbiased scores
-    assert torch.allclose(w2 / cfg.routed_scaling_factor * scores2.gather(1, ids2).sum(-1, keepdim=True),
-                          scores2.gather(1, ids2), atol=1e-5)
+    assert torch.allclose(
+        w2 / cfg.routed_scaling_factor * scores2.gather(1, ids2).sum(-1, keepdim=True),
+        scores2.gather(1, ids2),
+        atol=1e-5,
+    )
 
 
 def test_bias_update_moves_load_toward_balance():
     """Skewed router -> repeated sign-rule updates (γ = 1e-2) spread the load (V3's aux-loss-free balancing)."""
-    cfg = ModelConfig.preset("deepseek-v3-debug").replace(n_group=1, topk_group=1, first_k_dense_replace=0,
-                                                          num_hidden_layers=1, num_nextn_predict_layers=0)
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(
+        n_group=1, topk_group=1, first_k_dense_replace=0, num_hidden_layers=1, num_nextn_predict_layers=0
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     moe = model.layers[0].mlp
@@ -231,11 +239,14 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
-@pytest.mark.parametrize("name, changes", [
-    # MLA + MoE (grouped experts, shared expert, a dense first layer); v as wide as q.k, so SDPA pads nothing
-    ("deepseek-v3-debug", dict(num_nextn_predict_layers=0, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)),
-    ("llama-3-8b-debug", {}),
-])
+@pytest.mark.parametrize(
+    "name, changes",
+    [
+        # MLA + MoE (grouped experts, shared expert, a dense first layer); v as wide as q.k, so SDPA pads nothing
+        ("deepseek-v3-debug", dict(num_nextn_predict_layers=0, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)),
+        ("llama-3-8b-debug", {}),
+    ],
+)
 def test_flops_per_token_matches_pytorchs_own_count(name, changes):
     """flops_per_token (6 x active params + causal attention) against torch.utils.flop_counter on a real training
     step. The math SDPA backend makes attention countable; it computes every query against every key, and a causal
@@ -283,8 +294,13 @@ def test_hf_config_round_trip_and_rope_spellings():
         assert config_to_hf(again) == config_to_hf(cfg), name
     old_style = config_to_hf(ModelConfig.preset("llama-3-8b-debug"))
     old_style.pop("rope_parameters")  # transformers 4.x spelling: rope_theta + rope_scaling{"type": ...}
-    old_style["rope_scaling"] = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 64}
+    old_style["rope_scaling"] = {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     assert config_from_hf(old_style).rope_scaling["rope_type"] == "llama3"
     with pytest.raises(ValueError, match="model_type='bert'"):
         config_from_hf({"model_type": "bert"})

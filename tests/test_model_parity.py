@@ -14,42 +14,134 @@ import deepsail as ds
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
-MLA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=211,
-           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
-YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, beta_fast=32,
-            beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+MLA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    vocab_size=211,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=256,
+)
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=32,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 
 CASES = {
     # DeepSeek-V3: query compression, group-limited routing (topk_group < n_group), sigmoid, YaRN, 1 dense layer
-    "v3-yarn-groups": ("DeepseekV3Config", dict(
-        MLA, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
-        n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-        rope_parameters=YARN)),
+    "v3-yarn-groups": (
+        "DeepseekV3Config",
+        dict(
+            MLA,
+            q_lora_rank=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_parameters=YARN,
+        ),
+    ),
     # DeepSeek-V3 without query compression (q_lora_rank = 0), one group, no normalisation
-    "v3-no-qlora": ("DeepseekV3Config", dict(
-        MLA, q_lora_rank=None, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
-        moe_intermediate_size=24, n_group=1, topk_group=1, first_k_dense_replace=0, norm_topk_prob=False,
-        routed_scaling_factor=1.0)),
+    "v3-no-qlora": (
+        "DeepseekV3Config",
+        dict(
+            MLA,
+            q_lora_rank=None,
+            n_routed_experts=4,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+        ),
+    ),
     # DeepSeek-V2-Lite shape: softmax scores, greedy top-k, YaRN with mscale 0.707
-    "v2-softmax-greedy": ("DeepseekV2Config", dict(
-        MLA, q_lora_rank=None, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
-        moe_intermediate_size=24, topk_method="greedy", first_k_dense_replace=1, routed_scaling_factor=1.0,
-        rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    "v2-softmax-greedy": (
+        "DeepseekV2Config",
+        dict(
+            MLA,
+            q_lora_rank=None,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            topk_method="greedy",
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.0,
+            rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
+        ),
+    ),
     # DeepSeek-V2 with group-limited greedy routing and query compression
-    "v2-group-limited": ("DeepseekV2Config", dict(
-        MLA, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        moe_intermediate_size=24, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-        first_k_dense_replace=0, routed_scaling_factor=16.0)),
+    "v2-group-limited": (
+        "DeepseekV2Config",
+        dict(
+            MLA,
+            q_lora_rank=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=0,
+            routed_scaling_factor=16.0,
+        ),
+    ),
     # Qwen2 (R1-Distill-Qwen): GQA with q/k/v bias, tied embeddings
-    "qwen2-gqa-tied": ("Qwen2Config", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=211, tie_word_embeddings=True, max_position_embeddings=256)),
+    "qwen2-gqa-tied": (
+        "Qwen2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=211,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+        ),
+    ),
     # Llama-3 (R1-Distill-Llama): GQA, llama3 rope scaling, attention bias on all projections
-    "llama3-gqa": ("LlamaConfig", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        vocab_size=211, attention_bias=True, max_position_embeddings=256,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=32))),
+    "llama3-gqa": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            vocab_size=211,
+            attention_bias=True,
+            max_position_embeddings=256,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
 }
 
 

@@ -20,10 +20,27 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "quick"
-    result = runner.invoke(app, [
-        "run", "--out", str(out), "--minutes", "0.5", "--max-bytes", "400000", "--model-preset", "deepseek-v3-debug",
-        "--vocab-size", "512", "--batch-size", "8", "--seq-len", "64", "--compare-dense",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--out",
+            str(out),
+            "--minutes",
+            "0.5",
+            "--max-bytes",
+            "400000",
+            "--model-preset",
+            "deepseek-v3-debug",
+            "--vocab-size",
+            "512",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "64",
+            "--compare-dense",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -44,8 +61,9 @@ def test_run_writes_report_plot_and_checkpoint(run_dir):
 
 
 def test_generate_samples_from_the_run_folder(run_dir):
-    result = runner.invoke(app, ["generate", str(run_dir), "--prompt", "def main(", "--max-tokens", "12",
-                                 "--seed", "1"])
+    result = runner.invoke(
+        app, ["generate", str(run_dir), "--prompt", "def main(", "--max-tokens", "12", "--seed", "1"]
+    )
     assert result.exit_code == 0, result.output
     completion, _, stats = result.output.rpartition("12 tokens in")
     assert completion.strip() and "tok/s" in stats, result.output
@@ -85,6 +103,9 @@ def test_every_verb_has_help_with_an_example_line():
         assert result.exit_code == 0, (verb, result.output)
         assert "Examples:" in result.output, f"`deepsail {' '.join(verb)} --help` has no Examples section"
         # an example is a line that runs the verb itself, with at least one argument or flag
-        examples = [line.strip() for line in result.output.splitlines()
-                    if line.strip().startswith(f"deepsail {' '.join(verb)} ")]
+        examples = [
+            line.strip()
+            for line in result.output.splitlines()
+            if line.strip().startswith(f"deepsail {' '.join(verb)} ")
+        ]
         assert examples, f"`deepsail {' '.join(verb)} --help` shows no example invocation"

@@ -120,8 +120,9 @@ def test_openai_client_chat_stream_and_completions(client):
     assert chat.choices[0].finish_reason in ("stop", "length")
     assert chat.usage.prompt_tokens > 0 and 1 <= chat.usage.completion_tokens <= 8
 
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -129,21 +130,40 @@ def test_openai_client_chat_stream_and_completions(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
-    comp = client.completions.create(model="tiny", prompt="def fib(n):", max_tokens=6, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    comp = client.completions.create(
+        model="tiny", prompt="def fib(n):", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert comp.object == "text_completion" and comp.usage.completion_tokens == 6
     assert comp.choices[0].finish_reason == "length"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="def fib(n):", max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny",
+            prompt="def fib(n):",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert streamed == comp.choices[0].text
     models = client.models.list().data
     assert len(models) == 1 and models[0].id == chat.model == comp.model
 
 
 def test_completions_n_stop_echo_logprobs(client):
-    out = client.completions.create(model="tiny", prompt=["a = 1", "b = 2"], n=2, max_tokens=5, temperature=1,
-                                    seed=3, logprobs=2, echo=True, stop=["\n", "zz"],
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="tiny",
+        prompt=["a = 1", "b = 2"],
+        n=2,
+        max_tokens=5,
+        temperature=1,
+        seed=3,
+        logprobs=2,
+        echo=True,
+        stop=["\n", "zz"],
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
     assert out.choices[0].text != out.choices[1].text or out.choices[0].logprobs != out.choices[1].logprobs
     for c in out.choices:
@@ -152,12 +172,18 @@ def test_completions_n_stop_echo_logprobs(client):
         assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
     for c in out.choices:  # echo, then no stop string in what was generated
         prompt = "a = 1" if c.index < 2 else "b = 2"
-        assert c.text.startswith(prompt) and "\n" not in c.text[len(prompt):] and "zz" not in c.text
+        assert c.text.startswith(prompt) and "\n" not in c.text[len(prompt) :] and "zz" not in c.text
 
 
 def test_chat_logprobs_and_top_logprobs(client):
-    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
-                                         logprobs=True, top_logprobs=3, temperature=0)
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        temperature=0,
+    )
     content = out.choices[0].logprobs.content
     assert 1 <= len(content) <= 4
     for t in content:
@@ -173,18 +199,21 @@ def test_generate_endpoint(server):
 
 
 # --- validation: 400 with OpenAI's error body, never FastAPI's 422 -------------------------------------------------
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "top_p": 1.5}, "top_p"),
-    ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "n": 1000}, "n"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": [9999]}, "prompt"),  # out of the vocabulary
-    ({"max_tokens": 3}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 1000}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [9999]}, "prompt"),  # out of the vocabulary
+        ({"max_tokens": 3}, "prompt"),
+    ],
+)
 def test_invalid_requests_are_400(server, body, param):
     r = httpx.post(f"{server.url}/v1/completions", json=body)
     assert r.status_code == 400, r.text
@@ -194,7 +223,9 @@ def test_invalid_requests_are_400(server, body, param):
 
 
 def test_bad_json_and_chat_roles_are_400(server):
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
@@ -207,8 +238,9 @@ def test_prompt_over_context_is_400_naming_both_numbers(server):
     msg = r.json()["error"]["message"]
     assert str(MAX_LEN) in msg and "600" in msg and "500" in msg and "100" in msg, msg
     # chat with no max_tokens takes what the context leaves; a prompt that fills it is an error too
-    r = httpx.post(f"{server.url}/v1/chat/completions",
-                   json={"messages": [{"role": "user", "content": "hello " * 600}]})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello " * 600}]}
+    )
     assert r.status_code == 400 and str(MAX_LEN) in r.json()["error"]["message"]
 
 
@@ -220,8 +252,10 @@ def test_body_too_large_is_413(server):
 
     url = urlparse(server.url)
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {9 << 20}\r\n\r\n".encode())
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {9 << 20}\r\n\r\n".encode()
+        )
         reply = b""
         while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
             chunk = sock.recv(65536)
@@ -250,11 +284,19 @@ def test_health_503_while_loading_then_200_and_api_keys(model_dir):
         live.wait_ready()
         assert httpx.get(f"{live.url}/health").status_code == 200  # open without a key
         body = {"prompt": "hi", "max_tokens": 2}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer s3cre"},
-                        {"Authorization": "Bearer s3crét".encode("latin-1")}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Bearer s3cre"},
+            {"Authorization": "Bearer s3crét".encode("latin-1")},
+        ):
             for path in ("/v1/completions", "/metrics", "/v1/models"):
-                r = httpx.request("POST" if path == "/v1/completions" else "GET", f"{live.url}{path}",
-                                  json=body if path == "/v1/completions" else None, headers=headers)
+                r = httpx.request(
+                    "POST" if path == "/v1/completions" else "GET",
+                    f"{live.url}{path}",
+                    json=body if path == "/v1/completions" else None,
+                    headers=headers,
+                )
                 assert r.status_code == 401, (path, headers)
                 assert r.json()["error"]["type"] == "authentication_error"
         ok = httpx.post(f"{live.url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
@@ -271,6 +313,7 @@ def test_health_503_while_loading_then_200_and_api_keys(model_dir):
 def test_full_queue_is_429_with_retry_after(model_dir):
     live = _serve(model_dir, max_batch_size=1, max_waiting=2, max_model_len=128)
     try:
+
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
                 body = {"prompt": "x = ", "max_tokens": 30, "ignore_eos": True}
@@ -308,16 +351,24 @@ def test_disconnect_cancels_and_frees_blocks_within_1s(server):
 
 
 def test_same_seed_same_text_under_concurrent_load(server):
-    seeded = {"prompt": "class Foo:", "max_tokens": 16, "temperature": 1.0, "top_p": 0.95, "seed": 1234,
-              "ignore_eos": True}
+    seeded = {
+        "prompt": "class Foo:",
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "seed": 1234,
+        "ignore_eos": True,
+    }
 
     async def run() -> tuple[str, list[str]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
             alone = (await c.post("/v1/completions", json=seeded)).json()["choices"][0]["text"]
-            noise = [{"prompt": f"noise {i} " * (i + 1), "max_tokens": 12 + i, "temperature": 1.0,
-                      "ignore_eos": True} for i in range(6)]
+            noise = [
+                {"prompt": f"noise {i} " * (i + 1), "max_tokens": 12 + i, "temperature": 1.0, "ignore_eos": True}
+                for i in range(6)
+            ]
             rs = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in noise + [seeded] * 3))
-            return alone, [r.json()["choices"][0]["text"] for r in rs[len(noise):]]
+            return alone, [r.json()["choices"][0]["text"] for r in rs[len(noise) :]]
 
     alone, loaded = asyncio.run(run())
     assert loaded == [alone] * 3
@@ -326,10 +377,17 @@ def test_same_seed_same_text_under_concurrent_load(server):
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="x", max_tokens=3)
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("deepsail_time_to_first_token_seconds_bucket", "deepsail_inter_token_latency_seconds_bucket",
-                 "deepsail_e2e_request_latency_seconds_count", "deepsail_num_requests_running",
-                 "deepsail_num_requests_waiting", "deepsail_kv_cache_usage_perc", "deepsail_generation_tokens_total",
-                 "deepsail_prompt_tokens_total", 'deepsail_requests_total{endpoint="/v1/completions",status="200"}'):
+    for name in (
+        "deepsail_time_to_first_token_seconds_bucket",
+        "deepsail_inter_token_latency_seconds_bucket",
+        "deepsail_e2e_request_latency_seconds_count",
+        "deepsail_num_requests_running",
+        "deepsail_num_requests_waiting",
+        "deepsail_kv_cache_usage_perc",
+        "deepsail_generation_tokens_total",
+        "deepsail_prompt_tokens_total",
+        'deepsail_requests_total{endpoint="/v1/completions",status="200"}',
+    ):
         assert name in text, name
 
 
@@ -352,14 +410,21 @@ def test_schemathesis_fuzz_finds_no_5xx(model_dir):
             if op.method.upper() == "POST":
                 modes.append(schemathesis.GenerationMode.NEGATIVE)
             for mode in modes:
-                @settings(max_examples=20, deadline=None, database=None, derandomize=True,
-                          suppress_health_check=list(HealthCheck))
+
+                @settings(
+                    max_examples=20,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    suppress_health_check=list(HealthCheck),
+                )
                 @given(case=op.as_strategy(generation_mode=mode))
                 def fuzz(case) -> None:
                     r = case.call(base_url=live.url, session=session, timeout=30)
                     if r.status_code >= 500:
-                        failures.append(f"{case.method} {case.path} {r.status_code}: {case.body!r:.300} -> "
-                                        f"{r.text[:300]}")
+                        failures.append(
+                            f"{case.method} {case.path} {r.status_code}: {case.body!r:.300} -> {r.text[:300]}"
+                        )
 
                 fuzz()
         assert not failures, "\n".join(failures)
@@ -386,8 +451,16 @@ def test_serves_a_training_run_folder(model_dir, tmp_path):
 def test_cli_help():
     result = CliRunner().invoke(cli_app, ["serve", "--help"])
     assert result.exit_code == 0
-    for flag in ("--host", "--port", "--api-key", "DEEPSAIL_API_KEY", "--max-batch-size", "--kv-budget",
-                 "--max-waiting", "--drain-timeout"):
+    for flag in (
+        "--host",
+        "--port",
+        "--api-key",
+        "DEEPSAIL_API_KEY",
+        "--max-batch-size",
+        "--kv-budget",
+        "--max-waiting",
+        "--drain-timeout",
+    ):
         assert flag in result.output
 
 
@@ -401,20 +474,45 @@ def test_sigterm_drains_in_flight_requests_within_the_bound(model_dir):
     sock.close()
     env = dict(os.environ, DEEPSAIL_API_KEY="k")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from deepsail.cli import app; app()", "serve", str(model_dir), "--port", str(port),
-         "--drain-timeout", str(drain), "--max-model-len", "512", "--max-batch-size", "1", "--threads", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-c",
+            "from deepsail.cli import app; app()",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--drain-timeout",
+            str(drain),
+            "--max-model-len",
+            "512",
+            "--max-batch-size",
+            "1",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     results: dict[str, dict] = {}
     first_token = threading.Event()
 
     def stream(name: str, max_tokens: int) -> None:
-        body = {"prompt": "x", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": "x",
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         events: list[str] = []
         try:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"},
-                              timeout=60) as r:
+            with httpx.stream(
+                "POST", f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60
+            ) as r:
                 for line in r.iter_lines():
                     if line:
                         events.append(line)

@@ -54,7 +54,8 @@ def random_batch(B: int, T: int = 32, vocab: int = 512, seed: int = 0) -> tuple[
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """A real tokenized folder: a 512-token BPE and ~300 kB of the embedded corpus, as `deepsail data prepare` makes it."""
+    """A real tokenized folder: a 512-token BPE and ~300 kB of the embedded corpus, as `deepsail data prepare`
+    makes it."""
     from deepsail.data.corpus import default_corpus
     from deepsail.data.prepare import prepare
     from deepsail.data.tokenizer import Tokenizer
@@ -67,9 +68,23 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def run_config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
-    fields = dict(data=str(data_dir), out=str(out), tokenizer=str(data_dir.parent / "tokenizer"), steps=12,
-                  batch_size=4, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=3, precision="fp32",
-                  eval_every=6, eval_batches=2, log_every=3, ckpt_every=4, keep_last=2)
+    fields = dict(
+        data=str(data_dir),
+        out=str(out),
+        tokenizer=str(data_dir.parent / "tokenizer"),
+        steps=12,
+        batch_size=4,
+        seq_len=64,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=3,
+        precision="fp32",
+        eval_every=6,
+        eval_batches=2,
+        log_every=3,
+        ckpt_every=4,
+        keep_last=2,
+    )
     return TrainConfig(**(fields | overrides))
 
 
@@ -111,8 +126,13 @@ def test_activation_checkpointing_gives_the_same_grads():
         if checkpointing:
             apply_activation_checkpointing(model)
         forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp32", make_scaler(CPU, "fp32"))
-        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
-                      if p.grad is not None})
+        grads.append(
+            {
+                n.replace("_checkpoint_wrapped_module.", ""): p.grad
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+        )
     assert grads[1].keys() == grads[0].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
@@ -142,8 +162,10 @@ def test_fp16_scaler_skips_the_step_and_halves_the_scale_on_inf_grads():
     assert scaler.get_scale() == scale / 2
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a step with inf grads must be skipped"
     # AdamW's moments and step count untouched too (the fused kernel creates zero state and reverts its step)
-    assert all(float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
-               for st in optimizer.state.values())
+    assert all(
+        float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+        for st in optimizer.state.values()
+    )
 
     # A clean step then goes through at the halved scale.
     forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp16", scaler)
@@ -191,8 +213,12 @@ for _ in range(5):
     torch.zeros(16 << 20).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    faults = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("default", "keep")}
+    faults = {
+        mode: int(
+            subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout
+        )
+        for mode in ("default", "keep")
+    }
     # Default: every round faults all 64 MB in again (5 x 16,384 pages of 4 KiB). Kept: ~0 (at most one round may
     # still land on untouched heap). The ratio holds with transparent huge pages too (fewer, bigger faults).
     assert faults["default"] > 0 and faults["keep"] * 4 < faults["default"], faults
@@ -257,8 +283,9 @@ def test_crash_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, m
     forward_backward(model, [random_batch(2)], next_token_loss, CPU, "fp32", scaler)
     optimizer_step(model, optimizer, scaler, 1.0)
     root = tmp_path / "checkpoints"
-    good = save_checkpoint(root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(7),
-                           trainer_state={"step": 1})
+    good = save_checkpoint(
+        root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(7), trainer_state={"step": 1}
+    )
     saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     forward_backward(model, [random_batch(2, seed=1)], next_token_loss, CPU, "fp32", scaler)
@@ -271,8 +298,9 @@ def test_crash_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, m
 
     monkeypatch.setattr(torch, "save", dies_after_the_first_file)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(9),
-                        trainer_state={"step": 2})
+        save_checkpoint(
+            root, model=model, optimizer=optimizer, scaler=scaler, loader=CountingLoader(9), trainer_state={"step": 2}
+        )
     monkeypatch.undo()
 
     # The failed write cleaned up after itself (a kill -9 leaves its temporary, which resume removes: see below).
@@ -339,8 +367,11 @@ def test_time_budget_run(data_dir, tmp_path, monkeypatch):
     """--minutes alone: the run stops on the clock, and the cosine decays over it."""
     monkeypatch.setattr("deepsail.train.loop.time", TickingClock())
     budget_s = 60.0
-    result = pretrain(run_config(data_dir, tmp_path / "run", steps=None, minutes=budget_s / 60,
-                              eval_every=0, ckpt_every=0, log_every=1))
+    result = pretrain(
+        run_config(
+            data_dir, tmp_path / "run", steps=None, minutes=budget_s / 60, eval_every=0, ckpt_every=0, log_every=1
+        )
+    )
     assert result.step >= 3 and math.isfinite(result.val_loss)
     # The last step ends within the budget (it stops before a step that would overrun); the final
     # eval and checkpoint come after it.
@@ -361,8 +392,11 @@ pretrain(TrainConfig(**json.loads(sys.argv[1])), resume=sys.argv[2] == "resume")
 
 
 def start_run(cfg: TrainConfig, resume: bool = False) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(cfg.to_dict()), "resume" if resume else "fresh"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, json.dumps(cfg.to_dict()), "resume" if resume else "fresh"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(child: subprocess.Popen) -> None:
@@ -405,11 +439,16 @@ def test_kill_9_mid_run_then_resume_is_bitwise_identical(data_dir, tmp_path):
     a, b = final_weights(tmp_path / "reference"), final_weights(out)
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after resume (killed at step {killed_at}, mid-write: {mid_write})"
+        assert torch.equal(a[name], b[name]), (
+            f"{name} differs after resume (killed at step {killed_at}, mid-write: {mid_write})"
+        )
     assert resumed["val_loss"] == reference["val_loss"]
     # The metrics file holds each step once: rows the killed run wrote after its checkpoint were dropped.
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["split"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 16
 
 
@@ -418,8 +457,20 @@ def test_pretrain_help_lists_the_flags():
 
     result = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for flag in ("--data", "--out", "--model-preset", "--resume", "--steps", "--minutes", "--batch-size",
-                 "--grad-accum", "--precision", "--ckpt-every", "--eval-every", "--bias-update-rate"):
+    for flag in (
+        "--data",
+        "--out",
+        "--model-preset",
+        "--resume",
+        "--steps",
+        "--minutes",
+        "--batch-size",
+        "--grad-accum",
+        "--precision",
+        "--ckpt-every",
+        "--eval-every",
+        "--bias-update-rate",
+    ):
         assert flag in result.output
 
 

@@ -31,10 +31,10 @@ import json
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
 
 VAL_FRACTION = 0.02  # ~10 of ~610 documents (~43k tokens): a stable val loss without starving training
 MIN_VAL_DOCS = 4  # guaranteed even if the hash draws fewer (on a stripped-down interpreter, say)

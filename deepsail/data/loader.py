@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ class TokenStream:
         for s, m in zip(self.manifest["splits"][split]["shards"], self.shards):
             if len(m) != s["tokens"]:
                 raise ValueError(
-                    f"{self.data_dir / s['file']} has {len(m)} tokens but the manifest says {s['tokens']}; re-run `deepsail data prepare`"
+                    f"{self.data_dir / s['file']} has {len(m)} tokens but the manifest says {s['tokens']}; "
+                    "re-run `deepsail data prepare`"
                 )
         self.offsets = np.cumsum([0] + [len(m) for m in self.shards]).tolist()  # where each shard starts in the stream
         self.n_tokens = self.offsets[-1]
@@ -130,7 +132,7 @@ class PackedLoader:
             self._order_epoch = epoch
         return self._order
 
-    def __iter__(self) -> "PackedLoader":
+    def __iter__(self) -> PackedLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,12 +266,14 @@ class BucketBatcher:
             raise ValueError("BucketBatcher got no documents")
         if (self.lengths == 0).any():
             raise ValueError(
-                f"{int((self.lengths == 0).sum())} documents are empty (first: index {int(np.argmax(self.lengths == 0))}); drop them first"
+                f"{int((self.lengths == 0).sum())} documents are empty (first: index "
+                f"{int(np.argmax(self.lengths == 0))}); drop them first"
             )
         too_long = self.lengths > max_tokens
         if too_long.any():
             raise ValueError(
-                f"{int(too_long.sum())} documents are longer than max_tokens={max_tokens} (longest: {int(self.lengths.max())} tokens); "
+                f"{int(too_long.sum())} documents are longer than max_tokens={max_tokens} "
+                f"(longest: {int(self.lengths.max())} tokens); "
                 "raise max_tokens or truncate the documents"
             )
         self.epoch, self.step = 0, 0
@@ -291,7 +295,7 @@ class BucketBatcher:
         """This epoch's number of batches (it can differ slightly between epochs)."""
         return len(self._epoch_plan(self.epoch))
 
-    def __iter__(self) -> "BucketBatcher":
+    def __iter__(self) -> BucketBatcher:
         return self
 
     def __next__(self) -> PaddedBatch:
@@ -329,7 +333,8 @@ class BucketBatcher:
         for key, mine in (("max_tokens", self.max_tokens), ("world_size", self.world_size), ("n_docs", len(self.docs))):
             if state[key] != mine:
                 raise ValueError(
-                    f"batcher state was saved with {key}={state[key]} but this batcher has {mine}; an exact resume needs the same data and budget"
+                    f"batcher state was saved with {key}={state[key]} but this batcher has {mine}; "
+                    "an exact resume needs the same data and budget"
                 )
         self.epoch, self.step, self.seed = state["epoch"], state["step"], state["seed"]
         self._plan_epoch = -1  # the seed may differ: redraw the plan

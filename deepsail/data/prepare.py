@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Iterable, Iterator, Sequence
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -181,7 +182,8 @@ def prepare(
         TextColumn("[bold]tokenizing"),
         BarColumn(),
         TextColumn(
-            "{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)  {task.fields[tokens]:,} tokens ({task.fields[tok_s]:,.0f}/s)"
+            "{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)  "
+            "{task.fields[tokens]:,} tokens ({task.fields[tok_s]:,.0f}/s)"
         ),
         TimeElapsedColumn(),
         console=console,
@@ -237,7 +239,8 @@ def prepare(
 
     if progress:
         console.print(
-            f"{n_docs:,} docs, {n_bytes / 1e6:,.1f} MB -> {n_tokens:,} tokens ({n_bytes / max(n_tokens, 1):.2f} bytes/token) "
+            f"{n_docs:,} docs, {n_bytes / 1e6:,.1f} MB -> {n_tokens:,} tokens "
+            f"({n_bytes / max(n_tokens, 1):.2f} bytes/token) "
             f"in {seconds:.1f}s ({n_tokens / max(seconds, 1e-9):,.0f} tok/s); "
             f"train {splits['train']['tokens']:,} / val {splits['val']['tokens']:,} tokens in {out}/"
         )
@@ -245,7 +248,8 @@ def prepare(
         console.print(f"[yellow]warning:[/yellow] {skips.summary()}")
     if val_fraction > 0 and splits["val"]["docs"] == 0:
         console.print(
-            f"[yellow]warning:[/yellow] no document fell in the val split (val_fraction={val_fraction}); add data or raise --val-fraction"
+            f"[yellow]warning:[/yellow] no document fell in the val split (val_fraction={val_fraction}); "
+            "add data or raise --val-fraction"
         )
     return manifest
 

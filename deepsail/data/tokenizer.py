@@ -43,8 +43,9 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import tokenizers
 import typer
@@ -99,7 +100,7 @@ class Tokenizer:
         vocab_size: int,
         min_frequency: int = 2,
         show_progress: bool = False,
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Train byte-level BPE on texts, or on files and folders.
 
         `source` is either an iterable of texts (`str`), or a list of `pathlib.Path`s (text, .jsonl,
@@ -159,7 +160,7 @@ class Tokenizer:
         return cls(tok, config)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a folder with `tokenizer.json` (+ optional `tokenizer_config.json`): ours or any HF model's."""
         folder = Path(path)
         file = folder / "tokenizer.json" if folder.is_dir() else folder
@@ -417,11 +418,15 @@ def data_tokenizer(data_dir: str | os.PathLike, path: str | os.PathLike = "") ->
         if (folder / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(folder)
             if tokenizer.sha256 != manifest["tokenizer"]["sha256"]:
-                raise ValueError(f"the tokenizer in {folder} is not the one {data_dir} was tokenized with (sha256 "
-                                 f"differs); pass the right one with --tokenizer DIR, or re-run `deepsail data prepare`.")
+                raise ValueError(
+                    f"the tokenizer in {folder} is not the one {data_dir} was tokenized with (sha256 "
+                    f"differs); pass the right one with --tokenizer DIR, or re-run `deepsail data prepare`."
+                )
             return tokenizer
-    raise ValueError(f"cannot find the tokenizer {data_dir} was made with (looked in {[str(c) for c in candidates]}); "
-                     f"pass it with --tokenizer DIR.")
+    raise ValueError(
+        f"cannot find the tokenizer {data_dir} was made with (looked in {[str(c) for c in candidates]}); "
+        f"pass it with --tokenizer DIR."
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -474,9 +479,7 @@ def tokenizer_train(
         )
     console.print(f"training a {vocab_size}-token BPE on {what}")
     t0 = time.perf_counter()
-    tok = Tokenizer.train(
-        source, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=console.is_terminal
-    )
+    tok = Tokenizer.train(source, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=console.is_terminal)
     seconds = time.perf_counter() - t0
     tok.save(out)
     console.print(f"trained in {seconds:.1f}s; vocab {tok.vocab_size}; saved to {out}/")

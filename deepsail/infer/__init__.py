@@ -7,6 +7,18 @@ from deepsail.infer.sampling import SamplingParams, StreamEvent, sample
 from deepsail.infer.speculative import speculative_decode
 
 __all__ = [
-    "Engine", "EngineClosed", "EngineConfig", "Generation", "QueueFull", "RequestHandle", "SamplingParams",
-    "StreamEvent", "beam_search", "generate", "load", "sample", "speculative_decode", "stream",
+    "Engine",
+    "EngineClosed",
+    "EngineConfig",
+    "Generation",
+    "QueueFull",
+    "RequestHandle",
+    "SamplingParams",
+    "StreamEvent",
+    "beam_search",
+    "generate",
+    "load",
+    "sample",
+    "speculative_decode",
+    "stream",
 ]

@@ -17,8 +17,11 @@ from deepsail.precision import DEVICE_HELP, PRECISION_HELP
 
 PathArg = Annotated[
     Path,
-    typer.Argument(help="A model dir (config.json + *.safetensors + tokenizer.json, e.g. from the HF hub) or a "
-                        "deepsail training run folder (its checkpoints/latest is used).", show_default=False),
+    typer.Argument(
+        help="A model dir (config.json + *.safetensors + tokenizer.json, e.g. from the HF hub) or a "
+        "deepsail training run folder (its checkpoints/latest is used).",
+        show_default=False,
+    ),
 ]
 # Shared with `deepsail serve`: one definition of where and in what precision a model runs.
 Device = Annotated[str, typer.Option(help=DEVICE_HELP + ".")]
@@ -36,8 +39,10 @@ def _load(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
 
     model, tokenizer = load(path, device=device, dtype=dtype)
     if tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer.json; copy the tokenizer the model was trained with into it "
-                         "(`deepsail tokenizer train --out DIR` writes one)")
+        raise ValueError(
+            f"{path} has no tokenizer.json; copy the tokenizer the model was trained with into it "
+            "(`deepsail tokenizer train --out DIR` writes one)"
+        )
     return model, tokenizer
 
 
@@ -45,12 +50,15 @@ def _load(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
 def generate_command(
     path: PathArg,
     params: SamplingParams,
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (\\n = newline); repeat for a batch.",
-                                              show_default=False)],
+    prompt: Annotated[
+        list[str],
+        typer.Option("--prompt", "-p", help="Prompt text (\\n = newline); repeat for a batch.", show_default=False),
+    ],
     num_beams: Annotated[int, typer.Option(help="Beam search with this many beams (deterministic).")] = 1,
     length_penalty: Annotated[float, typer.Option(help="Beam search: >1 favours longer outputs, <1 shorter.")] = 1.0,
-    speculative: Annotated[int, typer.Option(
-        help="Self-speculative greedy decoding: draft this many tokens per step with the MTP head.")] = 0,
+    speculative: Annotated[
+        int, typer.Option(help="Self-speculative greedy decoding: draft this many tokens per step with the MTP head.")
+    ] = 0,
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
@@ -87,8 +95,15 @@ def generate_command(
         sys.stdout.write("\n")
         summary = f"{n} tokens"
     else:
-        results = generate(model, tokenizer, prompt, params, num_beams=num_beams, length_penalty=length_penalty,
-                           speculative=speculative)
+        results = generate(
+            model,
+            tokenizer,
+            prompt,
+            params,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            speculative=speculative,
+        )
         for i, (p, r) in enumerate(zip(prompt, results)):
             if len(prompt) > 1:
                 err.print(f"[bold]--- [{i}] {p!r}[/bold]")
@@ -127,8 +142,10 @@ def chat_command(
     err = Console(stderr=True)
     model, tokenizer = _load(path, device, dtype)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{path}'s tokenizer has no chat template (tokenizer_config.json `chat_template`); "
-                         "use `deepsail generate` for plain text")
+        raise ValueError(
+            f"{path}'s tokenizer has no chat template (tokenizer_config.json `chat_template`); "
+            "use `deepsail generate` for plain text"
+        )
     context = model.config.max_position_embeddings
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
@@ -152,8 +169,10 @@ def chat_command(
         room = context - len(ids)
         if room < 1:
             messages.pop()
-            err.print(f"[red]the conversation ({len(ids)} tokens) fills the model's {context}-token context; "
-                      "/reset to start over[/red]")
+            err.print(
+                f"[red]the conversation ({len(ids)} tokens) fills the model's {context}-token context; "
+                "/reset to start over[/red]"
+            )
             continue
         turn = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
         sys.stdout.write("assistant> ")

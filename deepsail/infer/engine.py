@@ -202,11 +202,15 @@ class Engine:
         c = model.config
         self.max_model_len = cfg.max_model_len or c.max_position_embeddings
         if self.max_model_len > c.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
-                             f"{c.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                f"{c.max_position_embeddings}"
+            )
         if cfg.max_batch_size < 1 or cfg.block_size < 1 or cfg.max_num_batched_tokens < cfg.max_batch_size:
-            raise ValueError(f"need max_batch_size >= 1, block_size >= 1 and max_num_batched_tokens >= max_batch_size, "
-                             f"got {cfg.max_batch_size}, {cfg.block_size}, {cfg.max_num_batched_tokens}")
+            raise ValueError(
+                f"need max_batch_size >= 1, block_size >= 1 and max_num_batched_tokens >= max_batch_size, "
+                f"got {cfg.max_batch_size}, {cfg.block_size}, {cfg.max_num_batched_tokens}"
+            )
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.pool = KVPool(c, self._num_blocks(), cfg.block_size, self.dtype, self.device, include_mtp=False)
@@ -224,15 +228,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._accepting = True
 
-        self.counters = dict(preemptions=0, prefix_hits=0, prefix_queries=0, requests_finished=0,
-                             requests_aborted=0, prompt_tokens=0, generation_tokens=0, steps=0,
-                             ttft_count=0, ttft_sum=0.0, itl_count=0, itl_sum=0.0)
+        self.counters = dict(
+            preemptions=0,
+            prefix_hits=0,
+            prefix_queries=0,
+            requests_finished=0,
+            requests_aborted=0,
+            prompt_tokens=0,
+            generation_tokens=0,
+            steps=0,
+            ttft_count=0,
+            ttft_sum=0.0,
+            itl_count=0,
+            itl_sum=0.0,
+        )
         self._ttft: deque[float] = deque(maxlen=cfg.recent_samples)
         self._itl: deque[float] = deque(maxlen=cfg.recent_samples)
 
     def _num_blocks(self) -> int:
         cfg = self.config
-        probe = KVPool(self.model.config, 1, cfg.block_size, self.dtype, "meta", include_mtp=False)  # measures, allocates nothing
+        probe = KVPool(
+            self.model.config, 1, cfg.block_size, self.dtype, "meta", include_mtp=False
+        )  # measures, allocates nothing
         bytes_per_block = probe.bytes_per_token * cfg.block_size
         if cfg.num_blocks is not None:
             n = cfg.num_blocks
@@ -250,8 +267,10 @@ class Engine:
                 budget = min(want, cap)
             n = budget // bytes_per_block
         if n < 1:
-            raise ValueError(f"the KV budget holds no block: one block of {cfg.block_size} tokens takes "
-                             f"{bytes_per_block} bytes; raise kv_budget_bytes / num_blocks")
+            raise ValueError(
+                f"the KV budget holds no block: one block of {cfg.block_size} tokens takes "
+                f"{bytes_per_block} bytes; raise kv_budget_bytes / num_blocks"
+            )
         return n
 
     # --- the public API (any thread) ---------------------------------------------------------------------------------
@@ -269,12 +288,16 @@ class Engine:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                             f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens")
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens"
+            )
         blocks = -(-total // self.config.block_size)
         if blocks > self.pool.num_blocks:
-            raise ValueError(f"prompt + max_tokens = {total} tokens needs {blocks} KV blocks, but the whole pool has "
-                             f"{self.pool.num_blocks}; raise kv_budget_bytes / num_blocks or lower max_tokens")
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens needs {blocks} KV blocks, but the whole pool has "
+                f"{self.pool.num_blocks}; raise kv_budget_bytes / num_blocks or lower max_tokens"
+            )
         state = DecodeState(prompt, params, self.tokenizer, self.eos_ids)  # may raise ValueError (bad stop rules)
         with self._lock:
             if len(self._inbox) + len(self.waiting) >= self.config.max_waiting:
@@ -295,10 +318,16 @@ class Engine:
             waiting = len(self.waiting) + len(self._inbox)
         a = self.allocator
         return dict(
-            running=len(self.running), waiting=waiting,
-            kv_blocks_used=a.num_used, kv_blocks_total=a.num_blocks, kv_blocks_cached=len(a.evictable),
-            kv_usage=a.num_used / a.num_blocks, block_size=self.config.block_size,
-            **self.counters, ttft_seconds=list(self._ttft), itl_seconds=list(self._itl),
+            running=len(self.running),
+            waiting=waiting,
+            kv_blocks_used=a.num_used,
+            kv_blocks_total=a.num_blocks,
+            kv_blocks_cached=len(a.evictable),
+            kv_usage=a.num_used / a.num_blocks,
+            block_size=self.config.block_size,
+            **self.counters,
+            ttft_seconds=list(self._ttft),
+            itl_seconds=list(self._itl),
         )
 
     @property
@@ -378,11 +407,15 @@ class Engine:
         ids = [r.tokens[r.num_computed : r.num_computed + n] + [0] * (T - n) for r, n in batch]
         table = [r.blocks + [-1] * (width - len(r.blocks)) for r, _ in batch]
         dev = self.device
-        cache = KVCache(self.pool, torch.tensor(table, device=dev),
-                        torch.tensor([r.num_computed for r, _ in batch], device=dev))
-        logits = self.model(torch.tensor(ids, device=dev), cache=cache,
-                            input_lens=torch.tensor([n for _, n in batch], device=dev),
-                            last_logits_only=True).logits[:, 0]
+        cache = KVCache(
+            self.pool, torch.tensor(table, device=dev), torch.tensor([r.num_computed for r, _ in batch], device=dev)
+        )
+        logits = self.model(
+            torch.tensor(ids, device=dev),
+            cache=cache,
+            input_lens=torch.tensor([n for _, n in batch], device=dev),
+            last_logits_only=True,
+        ).logits[:, 0]
 
         ready = []
         for i, (req, n) in enumerate(batch):
@@ -531,8 +564,12 @@ class Engine:
         self._by_id.pop(req.id, None)
         state, handle = req.state, req.handle
         # usage is set before the last event is pushed, so a consumer that sees the finish can read it
-        handle.usage = dict(prompt_tokens=req.prompt_len, completion_tokens=len(state.output_ids),
-                            total_tokens=req.prompt_len + len(state.output_ids), cached_tokens=req.cached_tokens or 0)
+        handle.usage = dict(
+            prompt_tokens=req.prompt_len,
+            completion_tokens=len(state.output_ids),
+            total_tokens=req.prompt_len + len(state.output_ids),
+            cached_tokens=req.cached_tokens or 0,
+        )
         handle.metrics["finished"] = time.monotonic()
         if last is None:
             self.counters["requests_aborted"] += 1

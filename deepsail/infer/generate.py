@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from deepsail.infer.batching import Prompt, check_fits, encode_prompt, model_device, pad_rows
 from deepsail.infer.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -31,7 +32,6 @@ from deepsail.infer.sampling import (
     default_stop_ids,
     sample_states,
 )
-from deepsail.infer.batching import Prompt, check_fits, encode_prompt, model_device, pad_rows
 from deepsail.infer.speculative import speculative_decode
 from deepsail.model import KVCache, Transformer
 from deepsail.precision import resolve_device, resolve_precision, to_dtype
@@ -57,8 +57,9 @@ class Generation:
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
-def load(path: str | Path, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None) -> tuple[Transformer, Any]:
+def load(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+) -> tuple[Transformer, Any]:
     """(model in eval mode, tokenizer or None) from an HF dir or a run folder (its latest checkpoint). `device` and
     `dtype` take deepsail's words (auto: CUDA in bf16 when there is a GPU, else CPU in fp32)."""
     from deepsail.data.tokenizer import Tokenizer
@@ -75,7 +76,9 @@ def load(path: str | Path, device: str | torch.device | None = None,
 
 def _to_generation(state: DecodeState) -> Generation:
     return Generation(
-        token_ids=list(state.output_ids), text=state.text, finish_reason=state.finish_reason or FINISH_LENGTH,
+        token_ids=list(state.output_ids),
+        text=state.text,
+        finish_reason=state.finish_reason or FINISH_LENGTH,
         prompt_tokens=len(state.prompt_ids),
         logprobs=list(state.logprobs) if state.params.logprobs is not None else None,
         top_logprobs=list(state.top_logprobs) if state.params.logprobs is not None else None,
@@ -84,8 +87,9 @@ def _to_generation(state: DecodeState) -> Generation:
 
 # --- the sampling loop ------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def _decode(model: Transformer, rows: list[list[int]], states: list[DecodeState],
-            cad_alpha: float | None = None) -> Iterator[list[tuple[int, StreamEvent]]]:
+def _decode(
+    model: Transformer, rows: list[list[int]], states: list[DecodeState], cad_alpha: float | None = None
+) -> Iterator[list[tuple[int, StreamEvent]]]:
     """Yields, per step, (state index, event) for every state that got a token.
 
     Context-aware decoding: `rows` holds 2B sequences, [context + prompt] * B then [prompt] * B, and the sampled
@@ -113,12 +117,14 @@ def _decode(model: Transformer, rows: list[list[int]], states: list[DecodeState]
         feed[still] = 1
         if cad_alpha is not None:
             tokens, feed = tokens.repeat(2), feed.repeat(2)
-        logits = model(tokens[:, None].to(device), cache=cache, input_lens=feed.to(device),
-                       last_logits_only=True).logits[:, 0]
+        logits = model(
+            tokens[:, None].to(device), cache=cache, input_lens=feed.to(device), last_logits_only=True
+        ).logits[:, 0]
 
 
-def stream(model: Transformer, tokenizer: Any, prompt: Prompt, params: SamplingParams | None = None,
-           **sampling: Any) -> Iterator[StreamEvent]:
+def stream(
+    model: Transformer, tokenizer: Any, prompt: Prompt, params: SamplingParams | None = None, **sampling: Any
+) -> Iterator[StreamEvent]:
     """One prompt, token by token (what `deepsail generate` and `deepsail chat` print)."""
     params = params or SamplingParams(**sampling)
     ids = encode_prompt(tokenizer, prompt)
@@ -188,8 +194,11 @@ def generate(
 
     cad = None
     if context is not None:
-        contexts = [context] * len(rows) if isinstance(context, str) or (
-            isinstance(context, Sequence) and context and isinstance(context[0], int)) else list(context)
+        contexts = (
+            [context] * len(rows)
+            if isinstance(context, str) or (isinstance(context, Sequence) and context and isinstance(context[0], int))
+            else list(context)
+        )
         if len(contexts) != len(rows):
             raise ValueError(f"got {len(contexts)} contexts for {len(rows)} prompts")
         with_context = [encode_prompt(tokenizer, c) + r for c, r in zip(contexts, rows)]
@@ -220,8 +229,15 @@ def _copy_rows(cache: KVCache, src_R: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, tokenizer: Any, prompts: list[list[int]], params: SamplingParams,
-                num_beams: int, length_penalty: float = 1.0, eos_ids: set[int] | None = None) -> list[Generation]:
+def beam_search(
+    model: Transformer,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    num_beams: int,
+    length_penalty: float = 1.0,
+    eos_ids: set[int] | None = None,
+) -> list[Generation]:
     """HF-style beam search: keep the `num_beams` best partial sequences by summed logprob; a beam that emits a
     stop token becomes a finished hypothesis scored sum_logprobs / generated_len ** length_penalty (>1 favours
     longer, <1 shorter); a prompt is done when it has num_beams hypotheses and no live beam can beat the worst."""

@@ -17,8 +17,8 @@ continuous-batching engine all feed it one token at a time, so they agree on whe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,9 @@ class SamplingParams:
     min_p: float = knob(0.0, "Drop tokens below min_p x the top token's probability; 0 = off.")
     repetition_penalty: float = knob(1.0, "Penalise tokens already in the prompt or output (>1); 1 = off.")
     stop: Sequence[str] = knob((), "Stop string (repeatable); the text ends right before the first one.")
-    stop_token_ids: Sequence[int] = knob((), "Extra token id that ends generation (EOS always does unless "
-                                             "--ignore-eos).")
+    stop_token_ids: Sequence[int] = knob(
+        (), "Extra token id that ends generation (EOS always does unless --ignore-eos)."
+    )
     seed: int | None = knob(None, "Random seed: the same seed gives the same tokens, whatever shares the batch.")
     logprobs: int | None = knob(None, "Report log-probabilities: 0 = the chosen token's, n = also the top n.")
     ignore_eos: bool = knob(False, "Keep generating past EOS (benchmarks).")
@@ -304,8 +305,9 @@ class DecodeState:
             self._seen[torch.tensor(ids, dtype=torch.long, device=device)] = True
         return self._seen
 
-    def append(self, token_id: int, logprob: float | None = None,
-               top: list[tuple[int, float]] | None = None) -> StreamEvent:
+    def append(
+        self, token_id: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None
+    ) -> StreamEvent:
         assert not self.done, "request already finished"
         self.output_ids.append(token_id)
         if self._seen is not None and token_id < self._seen.numel():

@@ -32,19 +32,25 @@ from deepsail.model import KVCache, Transformer
 
 
 @torch.inference_mode()
-def speculative_decode(model: Transformer, rows: Sequence[Sequence[int]], states: list[DecodeState],
-                       num_draft: int) -> tuple[list[int], list[int]]:
+def speculative_decode(
+    model: Transformer, rows: Sequence[Sequence[int]], states: list[DecodeState], num_draft: int
+) -> tuple[list[int], list[int]]:
     """Greedy-decode every row into its state; returns per-row (drafted, accepted) token counts."""
     if len(model.mtp) == 0:
         raise ValueError(
             "speculative decoding drafts with the model's MTP head, and this model has none "
             "(num_nextn_predict_layers=0); use a DeepSeek-V3-style model trained with MTP, or speculative=0"
         )
-    bad = [s.params for s in states if not s.params.greedy or s.params.repetition_penalty != 1.0
-           or s.params.logprobs is not None]
+    bad = [
+        s.params
+        for s in states
+        if not s.params.greedy or s.params.repetition_penalty != 1.0 or s.params.logprobs is not None
+    ]
     if bad:
-        raise ValueError("speculative decoding verifies greedy choices only: use temperature=0, no "
-                         "repetition_penalty and no logprobs (or speculative=0)")
+        raise ValueError(
+            "speculative decoding verifies greedy choices only: use temperature=0, no "
+            "repetition_penalty and no logprobs (or speculative=0)"
+        )
     B, k = len(rows), num_draft
     device = model_device(model)
     ar = torch.arange(B, device=device)

@@ -13,6 +13,18 @@ from deepsail.model.transformer import IGNORE_INDEX, ModelOutput, Transformer
 from_pretrained = Transformer.from_pretrained
 
 __all__ = [
-    "IGNORE_INDEX", "KVCache", "KVPool", "ModelConfig", "ModelOutput", "PRESETS", "Transformer", "config_from_hf",
-    "config_from_seed", "config_to_hf", "from_pretrained", "hf_state_dict", "new_cache", "read_config",
+    "IGNORE_INDEX",
+    "KVCache",
+    "KVPool",
+    "ModelConfig",
+    "ModelOutput",
+    "PRESETS",
+    "Transformer",
+    "config_from_hf",
+    "config_from_seed",
+    "config_to_hf",
+    "from_pretrained",
+    "hf_state_dict",
+    "new_cache",
+    "read_config",
 ]

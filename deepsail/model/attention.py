@@ -115,8 +115,9 @@ class MultiHeadLatentAttention(nn.Module):
             # SDPA's fused kernels want one head dim for q, k and v; zero-padding v costs little, the math
             # fallback it avoids costs ~9x (measured on CPU at d_qk 48, d_v 32).
             pad = q.shape[-1] - self.v_dim
-            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
-                                                 scale=self.scale)[..., : self.v_dim]
+            out = F.scaled_dot_product_attention(
+                q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True, scale=self.scale
+            )[..., : self.v_dim]
         else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
             latent = ctx.cache.pool.k[self.layer_idx][ctx.read_slots].to(q.dtype)  # [B, L, r + rope]
             w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r).to(q.dtype)

@@ -238,15 +238,31 @@ def config_from_seed(
     intermediate = 64 * max(1, round(8 * hidden / 3 / 64))
     base: dict[str, Any] = dict(
         model_type="deepseek_v3" if attention == "mla" else "llama",
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, attention_type=attention, rope_interleave=attention == "mla",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        attention_type=attention,
+        rope_interleave=attention == "mla",
     )
     if attention == "mla":
-        base.update(kv_lora_rank=4 * head, q_lora_rank=12 * head, qk_nope_head_dim=head, qk_rope_head_dim=head // 2,
-                    v_head_dim=head, num_nextn_predict_layers=mtp)
+        base.update(
+            kv_lora_rank=4 * head,
+            q_lora_rank=12 * head,
+            qk_nope_head_dim=head,
+            qk_rope_head_dim=head // 2,
+            v_head_dim=head,
+            num_nextn_predict_layers=mtp,
+        )
         if experts:
-            base.update(n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=shared_experts,
-                        moe_intermediate_size=max(16, intermediate // 4), first_k_dense_replace=min(1, layers - 1))
+            base.update(
+                n_routed_experts=experts,
+                num_experts_per_tok=top_k,
+                n_shared_experts=shared_experts,
+                moe_intermediate_size=max(16, intermediate // 4),
+                first_k_dense_replace=min(1, layers - 1),
+            )
     else:
         base.update(num_key_value_heads=kv_heads or heads)
     base.update(fields)

@@ -269,8 +269,10 @@ def _weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-        raise ValueError(f"{path} holds only pickled weights (.bin/.pt); deepsail loads safetensors only, because "
-                         "unpickling can run arbitrary code. Convert them with a trusted tool first.")
+        raise ValueError(
+            f"{path} holds only pickled weights (.bin/.pt); deepsail loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert them with a trusted tool first."
+        )
     raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
@@ -285,12 +287,15 @@ def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt", device=device) as f:
             return {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError, and OSError for short reads
-        raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated or overwritten. "
-                         "Restore it, or load an earlier checkpoint.") from e
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({e}); it may be truncated or overwritten. "
+            "Restore it, or load an earlier checkpoint."
+        ) from e
 
 
-def load_hf_state(path: Path, config: ModelConfig, expected: dict[str, torch.Tensor], device: str
-                  ) -> tuple[dict[str, torch.Tensor], torch.dtype | None]:
+def load_hf_state(
+    path: Path, config: ModelConfig, expected: dict[str, torch.Tensor], device: str
+) -> tuple[dict[str, torch.Tensor], torch.dtype | None]:
     """The checkpoint's tensors under deepsail names, experts stacked, checked against `expected` (name -> a tensor
     of the right shape); also the checkpoint's own floating dtype."""
     state: dict[str, torch.Tensor] = {}
@@ -319,10 +324,12 @@ def load_hf_state(path: Path, config: ModelConfig, expected: dict[str, torch.Ten
     for prefix, per_expert in experts.items():
         n = config.n_routed_experts
         if sorted(per_expert) != list(range(n)) or any(len(p) != 3 for p in per_expert.values()):
-            raise ValueError(f"{prefix}: expected gate/up/down weights for experts 0..{n - 1}, found experts "
-                             f"{sorted(per_expert)}")
+            raise ValueError(
+                f"{prefix}: expected gate/up/down weights for experts 0..{n - 1}, found experts {sorted(per_expert)}"
+            )
         state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat((per_expert[e]["gate_proj"], per_expert[e]["up_proj"])) for e in range(n)])
+            [torch.cat((per_expert[e]["gate_proj"], per_expert[e]["up_proj"])) for e in range(n)]
+        )
         state[f"{prefix}.down_proj"] = torch.stack([per_expert[e]["down_proj"] for e in range(n)])
         per_expert.clear()
     if config.topk_method != "noaux_tc":  # V2 checkpoints have no balancing bias: it stays zero
@@ -330,8 +337,11 @@ def load_hf_state(path: Path, config: ModelConfig, expected: dict[str, torch.Ten
             state[name] = torch.zeros(config.n_routed_experts)
 
     missing = sorted(set(expected) - set(state))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(state) if k in expected and state[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(state)
+        if k in expected and state[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors: {_summarise(missing)}")
@@ -340,8 +350,9 @@ def load_hf_state(path: Path, config: ModelConfig, expected: dict[str, torch.Ten
     if mismatched:
         problems.append(f"shape mismatches: {_summarise(mismatched)}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match its config.json ({config.model_type}):\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"checkpoint {path} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems)
+        )
     return state, saved_dtype
 
 
@@ -353,7 +364,9 @@ def hf_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, tor
 
     def put(name: str, t: torch.Tensor) -> None:
         keep = name.endswith(_KEEP_FP32) or dtype is None
-        out[name] = t.detach().to(torch.float32 if name.endswith(_KEEP_FP32) else (t.dtype if keep else dtype)).contiguous()
+        out[name] = (
+            t.detach().to(torch.float32 if name.endswith(_KEEP_FP32) else (t.dtype if keep else dtype)).contiguous()
+        )
 
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -418,8 +431,9 @@ class HFCheckpoint:
     """`from_pretrained` and `save_pretrained`, mixed into `Transformer`."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu") -> Any:
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+    ) -> Any:
         """Load an HF model directory (deepseek_v3, deepseek_v2, qwen2, llama) or a deepsail checkpoint.
 
         The model is built on the meta device and the checkpoint tensors are assigned into it, so weights are held
@@ -437,8 +451,11 @@ class HFCheckpoint:
             expected.pop("lm_head.weight", None)
         if len(model.mtp) and not any(k.startswith("mtp.") for k in _tensor_names(path, config)):
             # HF transformers writes num_nextn_predict_layers but not the MTP weights; the model is whole without them.
-            warnings.warn(f"{path}: config.json declares {len(model.mtp)} MTP module(s) but the checkpoint has no MTP "
-                          "weights; loading without multi-token prediction", stacklevel=2)
+            warnings.warn(
+                f"{path}: config.json declares {len(model.mtp)} MTP module(s) but the checkpoint has no MTP "
+                "weights; loading without multi-token prediction",
+                stacklevel=2,
+            )
             model.mtp = torch.nn.ModuleList()
             model.config = config = config.replace(num_nextn_predict_layers=0)
             expected = {k: v for k, v in expected.items() if not k.startswith("mtp.")}
@@ -450,8 +467,9 @@ class HFCheckpoint:
         model.tie_weights()
         return model.eval()
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 << 30) -> Path:
+    def save_pretrained(
+        self, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 << 30
+    ) -> Path:
         """config.json + model.safetensors that `transformers` and `ds.from_pretrained` load (see `save_hf`)."""
         return save_hf(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
@@ -464,8 +482,10 @@ def _tensor_names(path: Path, config: ModelConfig) -> set[str]:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 keys = list(f.keys())
         except Exception as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated or "
-                             "overwritten. Restore it, or load an earlier checkpoint.") from e
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({e}); it may be truncated or "
+                "overwritten. Restore it, or load an earlier checkpoint."
+            ) from e
         for hf_name in keys:
             m = _EXPERT.match(hf_name)
             native = _hf_to_native(config, m.group(1) if m else hf_name)

@@ -62,15 +62,19 @@ def _weight_major(x_RD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def weight_major_applies(x: torch.Tensor) -> bool:
     """Whether few-row products of `x` may take the weight-major route: fp32 on CPU, outside autograd and
     torch.compile tracing, on a machine where it wins. Cheapest checks first: this runs ~100 times per token."""
-    return (x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and weight_major_wins())
+    return (
+        x.is_cpu
+        and x.dtype is torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and weight_major_wins()
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a few fp32 rows on CPU outside autograd take the weight-major route where this
     machine's BLAS runs it faster (see `weight_major_wins`): decode reads every weight for 1-4 rows per step."""
-    if (0 < x.numel() <= SMALL_ROWS * weight.shape[1] and weight.dtype is torch.float32
-            and weight_major_applies(x)):
+    if 0 < x.numel() <= SMALL_ROWS * weight.shape[1] and weight.dtype is torch.float32 and weight_major_applies(x):
         if x.dim() == 2:
             return _weight_major(x, weight, bias)
         return _weight_major(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])

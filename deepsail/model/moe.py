@@ -129,7 +129,9 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
-            self.aux_loss = self._sequence_aux_loss(scores.view(B, T, -1), ids.view(B, T, -1)) if self.aux_alpha else None
+            self.aux_loss = (
+                self._sequence_aux_loss(scores.view(B, T, -1), ids.view(B, T, -1)) if self.aux_alpha else None
+            )
         return out.view(B, T, D).to(x_BTD.dtype)
 
     def _sequence_aux_loss(self, scores_BTE: torch.Tensor, ids_BTK: torch.Tensor) -> torch.Tensor:

@@ -153,8 +153,9 @@ class Transformer(HFCheckpoint, nn.Module):
                 out.loss = out.loss + out.aux_loss
         return out
 
-    def _context(self, B: int, T: int, device: torch.device, cache: KVCache | None,
-                 input_lens: torch.Tensor | None) -> AttentionContext:
+    def _context(
+        self, B: int, T: int, device: torch.device, cache: KVCache | None, input_lens: torch.Tensor | None
+    ) -> AttentionContext:
         if cache is None:
             cos, sin = self.rotary(torch.arange(T, device=device))
             return AttentionContext(cos, sin)
@@ -193,11 +194,17 @@ class Transformer(HFCheckpoint, nn.Module):
             cos, sin = self.rotary(torch.arange(T - k, device=h.device))
             h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), AttentionContext(cos, sin))
             logits = self.lm_head(module.norm(h))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=IGNORE_INDEX))
+            losses.append(
+                F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=IGNORE_INDEX)
+            )
         return torch.stack(losses).mean()
 
     def mtp_step(
-        self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | None = None,
+        self,
+        depth: int,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache: KVCache | None = None,
         input_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP module at inference (self-speculative drafting): returns (logits, its hidden states).
@@ -261,7 +268,8 @@ class Transformer(HFCheckpoint, nn.Module):
         return 6 * n + 3 * attention
 
     # --- inference and interop ------------------------------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                  block_size: int = 16) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None, block_size: int = 16
+    ) -> KVCache:
         p = self.embed_tokens.weight
         return new_cache(self.config, batch_size, max_seq_len, dtype or p.dtype, p.device, block_size)

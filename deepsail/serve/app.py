@@ -61,8 +61,7 @@ class Served:
     vocab_size: int
 
 
-def load_served(path: str | Path, device: str | None = None, dtype: str | None = None,
-                **engine_config: Any) -> Served:
+def load_served(path: str | Path, device: str | None = None, dtype: str | None = None, **engine_config: Any) -> Served:
     """Load an HF dir or a run folder (its latest checkpoint) and start an engine on it. `engine_config` are
     `EngineConfig` fields; None means the engine's default."""
     from deepsail.infer.engine import Engine, EngineConfig
@@ -72,8 +71,10 @@ def load_served(path: str | Path, device: str | None = None, dtype: str | None =
     folder = resolve_checkpoint(path)
     model, tokenizer = load(folder, device=device, dtype=dtype)
     if tokenizer is None:
-        raise ValueError(f"{folder} has no tokenizer.json; the server needs one to turn text into tokens. Copy the "
-                         "tokenizer the model was trained with into it")
+        raise ValueError(
+            f"{folder} has no tokenizer.json; the server needs one to turn text into tokens. Copy the "
+            "tokenizer the model was trained with into it"
+        )
     engine = Engine(model, tokenizer, EngineConfig(**{k: v for k, v in engine_config.items() if v is not None}))
     engine.start()
     return Served(engine, tokenizer, Path(path).resolve().name, engine.max_model_len, model.config.vocab_size)
@@ -118,9 +119,13 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def _validation_error(errors: Any) -> APIError:
     """pydantic's errors as one readable 400. A union field (prompt: str | list[str] | ...) fails once per member;
     those are folded into one "field: A or B" message, and the member tags are dropped from the field's path."""
+
     def where(err: dict) -> str:
-        parts = [str(x) for x in err.get("loc", ())[1:]  # [0] is "body"
-                 if isinstance(x, int) or (str(x).isidentifier() and str(x) not in _TYPE_TAGS)]
+        parts = [
+            str(x)
+            for x in err.get("loc", ())[1:]  # [0] is "body"
+            if isinstance(x, int) or (str(x).isidentifier() and str(x) not in _TYPE_TAGS)
+        ]
         return ".".join(parts)
 
     if not errors:
@@ -134,8 +139,11 @@ def _validation_error(errors: Any) -> APIError:
 
 
 # --- the app ------------------------------------------------------------------------------------------------------
-def create_app(load: Callable[[], Served], config: ServerConfig | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+def create_app(
+    load: Callable[[], Served],
+    config: ServerConfig | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
     """The ASGI app. `load` runs in a background thread at startup; until it returns, /health answers 503."""
     cfg = config or ServerConfig()
     state = State(load, on_load_error)
@@ -165,7 +173,8 @@ def create_app(load: Callable[[], Served], config: ServerConfig | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(
-            e.status_code, "invalid_request_error")
+            e.status_code, "invalid_request_error"
+        )
         return _error_response(APIError(e.status_code, str(e.detail), kind, headers=e.headers))
 
     @app.exception_handler(Exception)
@@ -184,8 +193,12 @@ def create_app(load: Callable[[], Served], config: ServerConfig | None = None,
         # compare_digest: time independent of where the first mismatch is, so the key cannot be guessed byte by
         # byte. Bytes, not str: compare_digest refuses non-ASCII str, and a header can carry any latin-1.
         if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), key):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                "authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     protected = [Depends(require_key)]
 

@@ -11,12 +11,26 @@ import typer
 
 from deepsail.infer.cli import Device, DType
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
 def parse_bytes(text: str) -> int:
-    """"4GiB", "512MB", "1.5g", "1073741824" -> bytes. Binary units throughout: a KV budget is a memory size."""
+    """ "4GiB", "512MB", "1.5g", "1073741824" -> bytes. Binary units throughout: a KV budget is a memory size."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
         raise typer.BadParameter(f"{text!r} is not a size; write e.g. 4GiB, 512MiB or a number of bytes")
@@ -24,32 +38,64 @@ def parse_bytes(text: str) -> int:
 
 
 def serve_command(
-    path: Annotated[Path, typer.Argument(
-        help="A model dir (config.json + *.safetensors + tokenizer.json) or a deepsail training run folder "
-             "(its checkpoints/latest is served).", show_default=False)],
-    host: Annotated[str, typer.Option(help="Interface to bind. The default is loopback only; pass 0.0.0.0 to "
-                                           "accept other machines (and set --api-key).")] = "127.0.0.1",
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A model dir (config.json + *.safetensors + tokenizer.json) or a deepsail training run folder "
+            "(its checkpoints/latest is served).",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface to bind. The default is loopback only; pass 0.0.0.0 to "
+            "accept other machines (and set --api-key)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(
-        envvar="DEEPSAIL_API_KEY", show_default=False,
-        help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the env var: a flag shows "
-             "up in `ps`.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DEEPSAIL_API_KEY",
+            show_default=False,
+            help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the env var: a flag shows "
+            "up in `ps`.",
+        ),
+    ] = None,
     max_batch_size: Annotated[int, typer.Option(help="Requests decoded together in one step.")] = 32,
-    kv_budget: Annotated[str | None, typer.Option(
-        show_default=False, help="KV cache size, e.g. 4GiB. Default: room for max-batch-size full-length requests, "
-                                 "capped at 1/4 of free GPU memory (2 GiB on CPU).")] = None,
+    kv_budget: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="KV cache size, e.g. 4GiB. Default: room for max-batch-size full-length requests, "
+            "capped at 1/4 of free GPU memory (2 GiB on CPU).",
+        ),
+    ] = None,
     max_waiting: Annotated[int, typer.Option(help="Queued requests beyond which new ones get 429.")] = 256,
-    max_model_len: Annotated[int | None, typer.Option(
-        show_default=False, help="Prompt + max_tokens limit. Default: the model's max_position_embeddings.")] = None,
-    drain_timeout: Annotated[float, typer.Option(
-        help="On SIGTERM/Ctrl-C: seconds in-flight requests get to finish before they are cut off.")] = 30.0,
-    served_model_name: Annotated[str | None, typer.Option(
-        show_default=False, help="Model id in /v1/models and responses. Default: the folder's name.")] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            show_default=False, help="Prompt + max_tokens limit. Default: the model's max_position_embeddings."
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM/Ctrl-C: seconds in-flight requests get to finish before they are cut off.")
+    ] = 30.0,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(show_default=False, help="Model id in /v1/models and responses. Default: the folder's name."),
+    ] = None,
     device: Device = "auto",
     dtype: DType = "auto",
-    threads: Annotated[int | None, typer.Option(
-        show_default=False, help="CPU threads for the model's math (llama.cpp's --threads). Default: torch's, one "
-                                 "per core. On a busy or shared CPU, fewer threads than cores is much faster.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            show_default=False,
+            help="CPU threads for the model's math (llama.cpp's --threads). Default: torch's, one "
+            "per core. On a busy or shared CPU, fewer threads than cores is much faster.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP with OpenAI's API.
 
@@ -77,14 +123,22 @@ def serve_command(
     if not Path(path).exists():
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        logging.getLogger("deepsail.serve").warning("serving on %s without an API key: anyone who can reach this port can use the model "
-                        "(set DEEPSAIL_API_KEY)", host)
+        logging.getLogger("deepsail.serve").warning(
+            "serving on %s without an API key: anyone who can reach this port can use the model (set DEEPSAIL_API_KEY)",
+            host,
+        )
     failed: list[BaseException] = []
 
     def load():
-        return load_served(path, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                           kv_budget_bytes=parse_bytes(kv_budget) if kv_budget else None,
-                           max_waiting=max_waiting, max_model_len=max_model_len)
+        return load_served(
+            path,
+            device=device,
+            dtype=dtype,
+            max_batch_size=max_batch_size,
+            kv_budget_bytes=parse_bytes(kv_budget) if kv_budget else None,
+            max_waiting=max_waiting,
+            max_model_len=max_model_len,
+        )
 
     def on_load_error(e: BaseException) -> None:
         failed.append(e)
@@ -93,8 +147,11 @@ def serve_command(
     app = create_app(load, ServerConfig(api_key=api_key, model_name=served_model_name), on_load_error)
     # uvicorn drains on SIGTERM: stops listening, lets in-flight requests run for `timeout_graceful_shutdown`
     # seconds, cancels what is left (which cancels it in the engine), then runs the app's shutdown.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout,
-                                           log_level="info", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info", access_log=False
+        )
+    )
     server.run()
     if failed:
         raise typer.Exit(1)

@@ -60,16 +60,30 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("deepsail_time_to_first_token_seconds", "Time from request arrival to first token.",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("deepsail_inter_token_latency_seconds", "Time between consecutive output tokens.",
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("deepsail_e2e_request_latency_seconds", "Time from request arrival to its last token.",
-                             buckets=E2E_BUCKETS, registry=r)
-        self.requests = Counter("deepsail_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.finished = Counter("deepsail_request_finished", "Finished generations by finish reason.",
-                                ["finish_reason"], registry=r)
+        self.ttft = Histogram(
+            "deepsail_time_to_first_token_seconds",
+            "Time from request arrival to first token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "deepsail_inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "deepsail_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "deepsail_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.finished = Counter(
+            "deepsail_request_finished", "Finished generations by finish reason.", ["finish_reason"], registry=r
+        )
         self.prompt_tokens = Counter("deepsail_prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.generation_tokens = Counter("deepsail_generation_tokens", "Tokens generated.", registry=r)
         r.register(EngineCollector(stats))

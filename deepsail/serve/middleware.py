@@ -45,12 +45,19 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send, status: int) -> None:
-        message = (f"request body exceeds {self.max_bytes} bytes" if status == 413
-                   else "invalid Content-Length header")
+        message = f"request body exceeds {self.max_bytes} bytes" if status == 413 else "invalid Content-Length header"
         body = json.dumps(error_body(message, code=status)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -34,9 +34,16 @@ MAX_CHOICES = 64  # prompts × n per request: each choice is a separate sequence
 def sampling_params(req: P.SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
-            min_p=req.min_p, repetition_penalty=req.repetition_penalty, stop=req.stop_list,
-            stop_token_ids=req.stop_token_ids or (), ignore_eos=req.ignore_eos, logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=max(req.top_k, 0),
+            top_p=req.top_p,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            stop=req.stop_list,
+            stop_token_ids=req.stop_token_ids or (),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
             # n choices with one seed must still differ from each other, and each stay reproducible.
             seed=None if req.seed is None else (req.seed + seed_offset) % (P.MAX_SEED + 1),
         )
@@ -49,13 +56,20 @@ def fit(served: Served, prompt_len: int, max_tokens: int | None) -> int:
     limit = served.max_model_len
     if max_tokens is None:
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens; your prompt has "
-                                f"{prompt_len} tokens, which leaves no room to generate. Shorten the prompt.")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens; your prompt has "
+                f"{prompt_len} tokens, which leaves no room to generate. Shorten the prompt.",
+            )
         return limit - prompt_len
     if prompt_len + max_tokens > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens, however you requested "
-                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-                            "completion). Shorten the prompt or lower max_tokens.", param="max_tokens")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens, however you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            "completion). Shorten the prompt or lower max_tokens.",
+            param="max_tokens",
+        )
     return max_tokens
 
 
@@ -64,8 +78,9 @@ def check_ids(served: Served, ids: list[int]) -> None:
         raise APIError(400, "empty prompt: generation needs at least one token to condition on", param="prompt")
     bad = next((i for i in ids if i >= served.vocab_size), None)
     if bad is not None:
-        raise APIError(400, f"token id {bad} is out of range: the vocabulary has {served.vocab_size} ids",
-                       param="prompt")
+        raise APIError(
+            400, f"token id {bad} is out of range: the vocabulary has {served.vocab_size} ids", param="prompt"
+        )
 
 
 def submit(served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], SamplingParams]]) -> list[Any]:
@@ -83,9 +98,12 @@ def submit(served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], Sampli
     except QueueFull as e:
         for h in handles:
             h.cancel()
-        raise APIError(429, f"the server is at capacity ({e or 'request queue full'}); retry after "
-                            f"{cfg.retry_after_s}s", "server_overloaded",
-                       headers={"Retry-After": str(cfg.retry_after_s)}) from e
+        raise APIError(
+            429,
+            f"the server is at capacity ({e or 'request queue full'}); retry after {cfg.retry_after_s}s",
+            "server_overloaded",
+            headers={"Retry-After": str(cfg.retry_after_s)},
+        ) from e
     except ValueError as e:
         for h in handles:
             h.cancel()
@@ -96,8 +114,11 @@ def submit(served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], Sampli
 # --- writing results out ---------------------------------------------------------------------------------------------
 def token_logprobs(tok: Any, evs: list[Any]) -> list[tuple[str, float, list[tuple[str, float]]]]:
     """(token text, logprob, [(top token text, logprob)]) per generated token: what both endpoints report."""
-    return [(tok.decode([ev.token_id]), ev.logprob, [(tok.decode([t]), lp) for t, lp in ev.top_logprobs or []])
-            for ev in evs if ev.token_id is not None]
+    return [
+        (tok.decode([ev.token_id]), ev.logprob, [(tok.decode([t]), lp) for t, lp in ev.top_logprobs or []])
+        for ev in evs
+        if ev.token_id is not None
+    ]
 
 
 def finish_reason(evs: list[Any]) -> str | None:
@@ -109,9 +130,14 @@ def usage(prompt_tokens: int, streams: ChoiceStreams) -> P.Usage:
     return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=c, total_tokens=prompt_tokens + c)
 
 
-async def _respond(request: Request, req: P.SamplingFields, streams: ChoiceStreams,
-                   chunks: Callable[[int, Any], list[dict]], usage_chunk: Callable[[], dict],
-                   body: Callable[[list[list[Any]]], Any]) -> Any:
+async def _respond(
+    request: Request,
+    req: P.SamplingFields,
+    streams: ChoiceStreams,
+    chunks: Callable[[int, Any], list[dict]],
+    usage_chunk: Callable[[], dict],
+    body: Callable[[list[list[Any]]], Any],
+) -> Any:
     """The one stream / collect path: SSE of `chunks` (+ the usage chunk when asked), or `body` of all events."""
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -122,7 +148,7 @@ async def _respond(request: Request, req: P.SamplingFields, streams: ChoiceStrea
     return body(per_choice)
 
 
-# --- the routes --------------------------------------------------------------------------------------------------------
+# --- the routes -------------------------------------------------------------------------------------------------------
 def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMetrics, protected: list[Any]) -> None:
     errors = {400: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse}}
 
@@ -141,8 +167,12 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         tok = s.tokenizer
         prompts = req.prompts()
         if len(prompts) * req.n > MAX_CHOICES:
-            raise APIError(400, f"{len(prompts)} prompts × n={req.n} = {len(prompts) * req.n} sequences; at most "
-                                f"{MAX_CHOICES} per request", param="n")
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts × n={req.n} = {len(prompts) * req.n} sequences; at most "
+                f"{MAX_CHOICES} per request",
+                param="n",
+            )
         encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
         jobs, prompt_tokens = [], 0
         for ids in encoded:
@@ -175,22 +205,33 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 text, first[i] = echo[i] + text, False
             if not (text or ev.finish_reason or req.logprobs is not None):
                 return []
-            choice = P.CompletionChoice(index=i, text=text, logprobs=logprobs_of(i, [ev]),
-                                        finish_reason=ev.finish_reason)
+            choice = P.CompletionChoice(
+                index=i, text=text, logprobs=logprobs_of(i, [ev]), finish_reason=ev.finish_reason
+            )
             return [head | {"choices": [choice.model_dump()]}]
 
         def body(per_choice: list[list[Any]]) -> P.CompletionResponse:
-            choices = [P.CompletionChoice(index=i, text=echo[i] + "".join(ev.text for ev in evs),
-                                          logprobs=logprobs_of(i, evs), finish_reason=finish_reason(evs))
-                       for i, evs in enumerate(per_choice)]
+            choices = [
+                P.CompletionChoice(
+                    index=i,
+                    text=echo[i] + "".join(ev.text for ev in evs),
+                    logprobs=logprobs_of(i, evs),
+                    finish_reason=finish_reason(evs),
+                )
+                for i, evs in enumerate(per_choice)
+            ]
             return P.CompletionResponse(**head, choices=choices, usage=usage(prompt_tokens, streams))
 
-        return await _respond(request, req, streams, chunks,
-                              lambda: head | {"choices": [], "usage": usage(prompt_tokens, streams).model_dump()},
-                              body)
+        return await _respond(
+            request,
+            req,
+            streams,
+            chunks,
+            lambda: head | {"choices": [], "usage": usage(prompt_tokens, streams).model_dump()},
+            body,
+        )
 
-    @app.post("/v1/chat/completions", dependencies=protected, response_model=P.ChatCompletionResponse,
-              responses=errors)
+    @app.post("/v1/chat/completions", dependencies=protected, response_model=P.ChatCompletionResponse, responses=errors)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         s = state.ready()
@@ -198,8 +239,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
 
         def render() -> list[int]:
             try:
-                text = tok.apply_chat_template(req.template_messages(),
-                                               add_generation_prompt=req.add_generation_prompt)
+                text = tok.apply_chat_template(req.template_messages(), add_generation_prompt=req.add_generation_prompt)
             except Exception as e:  # a template's raise_exception (bad role order...) is the client's error
                 raise APIError(400, f"chat template rejected the messages: {e}", param="messages") from e
             return tok.encode(text)
@@ -211,41 +251,89 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         jobs = [(ids, sampling_params(req, max_tokens, logprobs, j)) for j in range(req.n)]
         metrics.prompt_tokens.inc(len(ids))
         streams = ChoiceStreams(submit(s, cfg, jobs), metrics, arrival)
-        head = {"id": P.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": P.now(),
-                "model": model_name(s)}
+        head = {
+            "id": P.new_id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": P.now(),
+            "model": model_name(s),
+        }
         first = [True] * req.n
 
         def logprobs_of(evs: list[Any]) -> P.ChoiceLogprobs | None:
             if not req.logprobs:
                 return None
-            return P.ChoiceLogprobs(content=[
-                P.TokenLogprob(token=piece, logprob=lp, bytes=list(piece.encode()),
-                               top_logprobs=[P.TopLogprob(token=t, logprob=tlp, bytes=list(t.encode()))
-                                             for t, tlp in top])
-                for piece, lp, top in token_logprobs(tok, evs)])
+            return P.ChoiceLogprobs(
+                content=[
+                    P.TokenLogprob(
+                        token=piece,
+                        logprob=lp,
+                        bytes=list(piece.encode()),
+                        top_logprobs=[P.TopLogprob(token=t, logprob=tlp, bytes=list(t.encode())) for t, tlp in top],
+                    )
+                    for piece, lp, top in token_logprobs(tok, evs)
+                ]
+            )
 
         def chunks(i: int, ev: Any) -> list[dict]:
             out = []
             if first[i]:  # OpenAI opens every choice with a role-only delta
                 first[i] = False
-                out.append(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
+                out.append(
+                    head
+                    | {
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    }
+                )
             if ev.text or ev.finish_reason or req.logprobs:
                 lp = logprobs_of([ev])
-                out.append(head | {"choices": [{"index": i, "delta": {"content": ev.text} if ev.text else {},
-                                                "logprobs": lp.model_dump() if lp else None,
-                                                "finish_reason": ev.finish_reason}]})
+                out.append(
+                    head
+                    | {
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"content": ev.text} if ev.text else {},
+                                "logprobs": lp.model_dump() if lp else None,
+                                "finish_reason": ev.finish_reason,
+                            }
+                        ]
+                    }
+                )
             return out
 
         def body(per_choice: list[list[Any]]) -> P.ChatCompletionResponse:
-            choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content="".join(ev.text for ev in evs)),
-                                    logprobs=logprobs_of(evs), finish_reason=finish_reason(evs))
-                       for i, evs in enumerate(per_choice)]
-            return P.ChatCompletionResponse(id=head["id"], created=head["created"], model=head["model"],
-                                            choices=choices, usage=usage(len(ids), streams))
+            choices = [
+                P.ChatChoice(
+                    index=i,
+                    message=P.AssistantMessage(content="".join(ev.text for ev in evs)),
+                    logprobs=logprobs_of(evs),
+                    finish_reason=finish_reason(evs),
+                )
+                for i, evs in enumerate(per_choice)
+            ]
+            return P.ChatCompletionResponse(
+                id=head["id"],
+                created=head["created"],
+                model=head["model"],
+                choices=choices,
+                usage=usage(len(ids), streams),
+            )
 
-        return await _respond(request, req, streams, chunks,
-                              lambda: head | {"choices": [], "usage": usage(len(ids), streams).model_dump()}, body)
+        return await _respond(
+            request,
+            req,
+            streams,
+            chunks,
+            lambda: head | {"choices": [], "usage": usage(len(ids), streams).model_dump()},
+            body,
+        )
 
     @app.post("/generate", dependencies=protected, response_model=P.GenerateResponse, responses=errors)
     async def generate(req: P.GenerateRequest, request: Request) -> Any:
@@ -260,7 +348,8 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
 
         def body(per_choice: list[list[Any]]) -> P.GenerateResponse:
             (evs,) = per_choice
-            return P.GenerateResponse(text="".join(ev.text for ev in evs), finish_reason=finish_reason(evs),
-                                      usage=usage(len(ids), streams))
+            return P.GenerateResponse(
+                text="".join(ev.text for ev in evs), finish_reason=finish_reason(evs), usage=usage(len(ids), streams)
+            )
 
         return await _respond(request, req, streams, lambda i, ev: [], lambda: {}, body)

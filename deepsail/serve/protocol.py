@@ -75,13 +75,17 @@ class SamplingFields(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-# --- /v1/completions ---------------------------------------------------------------------------------------------------
+# --- /v1/completions --------------------------------------------------------------------------------------------------
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -140,7 +144,7 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-# --- /v1/chat/completions ----------------------------------------------------------------------------------------------
+# --- /v1/chat/completions ---------------------------------------------------------------------------------------------
 class TextPart(_Body):
     type: Literal["text"]
     text: str
@@ -216,7 +220,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-# --- /generate (plain JSON, no OpenAI envelope) -------------------------------------------------------------------------
+# --- /generate (plain JSON, no OpenAI envelope) -----------------------------------------------------------------------
 class GenerateRequest(SamplingFields):
     prompt: str
     max_tokens: int | None = Field(128, ge=1, le=MAX_TOKENS_LIMIT)
@@ -258,13 +262,19 @@ class ErrorResponse(BaseModel):
 class APIError(Exception):
     """An error with an HTTP status, rendered as OpenAI's {"error": {...}} body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
     return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
-

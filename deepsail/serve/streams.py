@@ -119,8 +119,9 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def sse_response(request: Request, streams: ChoiceStreams, chunks: Callable[[int, Any], list[dict]],
-                 tail: Callable[[], list[dict]]) -> StreamingResponse:
+def sse_response(
+    request: Request, streams: ChoiceStreams, chunks: Callable[[int, Any], list[dict]], tail: Callable[[], list[dict]]
+) -> StreamingResponse:
     """SSE response: `chunks(i, event)` per event, then `tail()` (the usage chunk), then [DONE].
 
     The disconnect watcher starts now, not when the body starts iterating: a client gone before the first byte

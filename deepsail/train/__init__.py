@@ -9,7 +9,23 @@ from deepsail.train.optim import build_optimizer, decay_progress, lr_at
 from deepsail.train.pretrain import evaluate, next_token_loss, pretrain
 
 __all__ = [
-    "MetricsLogger", "TrainConfig", "TrainResult", "autocast", "build_optimizer", "decay_progress", "evaluate",
-    "forward_backward", "latest_checkpoint", "load_checkpoint", "lr_at", "make_scaler", "next_token_loss",
-    "optimizer_step", "peak_flops", "pretrain", "resolve_checkpoint", "save_checkpoint", "train_loop",
+    "MetricsLogger",
+    "TrainConfig",
+    "TrainResult",
+    "autocast",
+    "build_optimizer",
+    "decay_progress",
+    "evaluate",
+    "forward_backward",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "lr_at",
+    "make_scaler",
+    "next_token_loss",
+    "optimizer_step",
+    "peak_flops",
+    "pretrain",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "train_loop",
 ]

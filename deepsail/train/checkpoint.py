@@ -117,8 +117,10 @@ def latest_checkpoint(root: Path, need: str = "trainer_state.json") -> Path | No
         return None
     path = root / pointer.read_text().strip()
     if not (path / need).is_file():
-        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete; point it at one of "
-                         f"{[p.name for p in list_checkpoints(root)]} or start a fresh --out.")
+        raise ValueError(
+            f"{pointer} names {path.name}, which is missing or incomplete; point it at one of "
+            f"{[p.name for p in list_checkpoints(root)]} or start a fresh --out."
+        )
     return path
 
 
@@ -181,8 +183,10 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{file} is unreadable ({e}); the checkpoint is damaged. Point {file.parent.parent}/latest "
-                         "at an earlier checkpoint, or start a fresh --out.") from e
+        raise ValueError(
+            f"{file} is unreadable ({e}); the checkpoint is damaged. Point {file.parent.parent}/latest "
+            "at an earlier checkpoint, or start a fresh --out."
+        ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{file} has no step; it was not written by deepsail's trainer.")
     return state

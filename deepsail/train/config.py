@@ -21,17 +21,24 @@ from deepsail.precision import DEVICE_HELP, PRECISION_HELP, parse_precision
 class TrainConfig:
     # --- where ---
     data: str = knob("", "Tokenized data folder (has manifest.json), made by `deepsail data prepare`.")
-    out: str = knob("runs/pretrain", "Run folder: run_config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/.")
-    tokenizer: str = knob("", "The data's tokenizer folder (default: the data folder, else the path its manifest "
-                              "records).", show_default=False)
-    model_preset: str = knob("deepseek-v3-debug", "Model preset, e.g. deepseek-v3-debug, deepseek-v3-mini, "
-                                                  "deepseek-v3-small.")
+    out: str = knob(
+        "runs/pretrain", "Run folder: run_config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/."
+    )
+    tokenizer: str = knob(
+        "",
+        "The data's tokenizer folder (default: the data folder, else the path its manifest records).",
+        show_default=False,
+    )
+    model_preset: str = knob(
+        "deepseek-v3-debug", "Model preset, e.g. deepseek-v3-debug, deepseek-v3-mini, deepseek-v3-small."
+    )
     device: str = knob("auto", DEVICE_HELP + ".")
 
     # --- how long: stop at whichever limit comes first (at least one is required) ---
     steps: int | None = knob(1000, "Optimizer steps (1000 unless only --minutes is given).")
-    minutes: float | None = knob(None, "Wall-clock budget, evals and checkpoints included; with --steps too, "
-                                       "whichever comes first ends the run.")
+    minutes: float | None = knob(
+        None, "Wall-clock budget, evals and checkpoints included; with --steps too, whichever comes first ends the run."
+    )
 
     # --- batch: tokens per optimizer step = batch_size * grad_accum * seq_len ---
     batch_size: int = knob(8, "Sequences per micro-batch.")
@@ -49,8 +56,11 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "Max global gradient norm; 0 disables clipping (the norm is still logged).")
 
     # --- numerics and memory ---
-    precision: str = knob("auto", PRECISION_HELP + "; auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else "
-                                                   "fp32; fp16 uses dynamic loss scaling.")
+    precision: str = knob(
+        "auto",
+        PRECISION_HELP + "; auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else "
+        "fp32; fp16 uses dynamic loss scaling.",
+    )
     activation_checkpointing: bool = knob(False, "Recompute each block's activations in backward to save memory.")
     compile: bool = knob(False, "torch.compile the training forward/backward.")
 

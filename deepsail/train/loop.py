@@ -158,8 +158,9 @@ def check_resumable(cfg: TrainConfig, resume: bool) -> Path | None:
     if resume and latest is None:
         raise ValueError(f"--resume: no checkpoint under {ckpt_root}; run without --resume to start training.")
     if not resume and latest is not None:
-        raise ValueError(f"{cfg.out} already holds a run with checkpoints; pass --resume to continue it, "
-                         f"or choose a new --out.")
+        raise ValueError(
+            f"{cfg.out} already holds a run with checkpoints; pass --resume to continue it, or choose a new --out."
+        )
     return latest
 
 
@@ -201,27 +202,46 @@ def train_loop(
         saved = load_checkpoint(resume_from, optimizer=optimizer, scaler=scaler, loader=batches)
         state = {k: saved[k] for k in state}
         before = TrainConfig.from_dict(saved["train_config"]).to_dict() if "train_config" in saved else {}
-        changed = {k: (v, getattr(cfg, k)) for k, v in before.items()
-                   if getattr(cfg, k) != v and k not in BOOKKEEPING_FIELDS}
+        changed = {
+            k: (v, getattr(cfg, k)) for k, v in before.items() if getattr(cfg, k) != v and k not in BOOKKEEPING_FIELDS
+        }
         if changed:
-            console.print(f"[yellow]resuming with changed settings (saved -> now): {changed}; the run is no longer "
-                          f"bitwise identical to an uninterrupted one.[/]")
+            console.print(
+                f"[yellow]resuming with changed settings (saved -> now): {changed}; the run is no longer "
+                f"bitwise identical to an uninterrupted one.[/]"
+            )
         console.print(f"resumed from {resume_from} (step {state['step']})")
     if ckpt_root.exists():  # debris of interrupted writes, and checkpoints `latest` never reached
         discard_newer(ckpt_root, state["step"] if resume_from else -1)
 
     # --- the resolved config, written before the first step so a crashed run still documents itself ---
-    atomic_write_json(out / "run_config.json", {"train": cfg.to_dict(), **(run_info or {}), "device": str(device),
-                                                "precision": precision, "torch": torch.__version__})
+    atomic_write_json(
+        out / "run_config.json",
+        {
+            "train": cfg.to_dict(),
+            **(run_info or {}),
+            "device": str(device),
+            "precision": precision,
+            "torch": torch.__version__,
+        },
+    )
     metrics = MetricsLogger(out, resume_step=state["step"] if resume_from else None)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(f"{name}: {params / 1e6:.2f}M trainable params | {device} {precision} | "
-                  f"peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+    console.print(
+        f"{name}: {params / 1e6:.2f}M trainable params | {device} {precision} | "
+        f"peak {peak / 1e12:.1f} TFLOP/s ({peak_source})"
+    )
 
     def save() -> Path:  # the checkpoint of state["step"]
         return save_checkpoint(
-            ckpt_root, model=model, optimizer=optimizer, scaler=scaler, loader=batches, tokenizer=tokenizer,
-            trainer_state={**state, "train_config": cfg.to_dict()}, keep_last=cfg.keep_last,
+            ckpt_root,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            loader=batches,
+            tokenizer=tokenizer,
+            trainer_state={**state, "train_config": cfg.to_dict()},
+            keep_last=cfg.keep_last,
         )
 
     def run_eval(step: int) -> dict[str, float]:
@@ -257,16 +277,24 @@ def train_loop(
         n, dt = window["steps"], time.perf_counter() - window["t0"]
         train_loss = (sums["loss"] / n).item()  # the one host sync per log window
         if not math.isfinite(train_loss):
-            raise RuntimeError(f"loss is {train_loss} at step {step}; lower --lr or use --precision fp32. "
-                               f"The last good checkpoint is {latest_checkpoint(ckpt_root)}.")
+            raise RuntimeError(
+                f"loss is {train_loss} at step {step}; lower --lr or use --precision fp32. "
+                f"The last good checkpoint is {latest_checkpoint(ckpt_root)}."
+            )
         tok_s = window["tokens"] / dt
         windows.append((window["tokens"], dt))
         row = {k: (v / n).item() for k, v in sums.items()}
         if load:
             # max / mean tokens per expert, averaged over MoE layers: 1.0 is perfectly balanced
             row["moe_max_load"] = float(np.mean([(l.max() / l.mean()).item() for l in load.values()]))
-        row |= {"lr": lr, "grad_norm": grad_norm.item(), "tok_per_s": tok_s,
-                "mfu": tok_s * flops_per_token / peak, "step_time_s": dt / n, "tokens": state["tokens"]}
+        row |= {
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tok_per_s": tok_s,
+            "mfu": tok_s * flops_per_token / peak,
+            "step_time_s": dt / n,
+            "tokens": state["tokens"],
+        }
         if precision == "fp16":
             row["loss_scale"] = scaler.get_scale()
         metrics.log(step, "train", row)
@@ -275,12 +303,20 @@ def train_loop(
         window.update(steps=0, tokens=0, t0=time.perf_counter())
         lm = row.get("lm_loss", train_loss)
         parts = f" (next-token {lm:.4f})" if lm != train_loss else ""
-        return (f"step {step}{'/' + str(cfg.steps) if cfg.steps else ''} | loss {train_loss:.4f}{parts} | lr {lr:.2e} | "
-                f"gnorm {row['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {row['mfu']:.1%}")
+        return (
+            f"step {step}{'/' + str(cfg.steps) if cfg.steps else ''} | loss {train_loss:.4f}{parts} | lr {lr:.2e} | "
+            f"gnorm {row['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {row['mfu']:.1%}"
+        )
 
     bar = Progress(
-        TextColumn(f"[bold blue]{name}"), BarColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+        TextColumn(f"[bold blue]{name}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     )
     task = bar.add_task(name, total=1.0, status="")
     with bar:
@@ -341,15 +377,28 @@ def train_loop(
     tok_per_s = sum(t for t, _ in measured) / sum(s for _, s in measured) if measured else 0.0
     tokens_per_step = state["tokens"] / max(step, 1)
     result = TrainResult(
-        step=step, tokens=state["tokens"], elapsed_s=round(clock(), 2), train_loss=train_loss, val=last_eval,
-        tok_per_s=tok_per_s, step_time_s=tokens_per_step / tok_per_s if tok_per_s else 0.0,
-        mfu=tok_per_s * flops_per_token / peak, peak_flops=peak, peak_flops_source=peak_source,
-        device=str(device), precision=precision, out_dir=str(out), checkpoint=str(latest_checkpoint(ckpt_root)),
-        metrics_path=str(metrics.path), plot_path=str(plot_path), tensorboard_dir=str(out / "tensorboard"),
+        step=step,
+        tokens=state["tokens"],
+        elapsed_s=round(clock(), 2),
+        train_loss=train_loss,
+        val=last_eval,
+        tok_per_s=tok_per_s,
+        step_time_s=tokens_per_step / tok_per_s if tok_per_s else 0.0,
+        mfu=tok_per_s * flops_per_token / peak,
+        peak_flops=peak,
+        peak_flops_source=peak_source,
+        device=str(device),
+        precision=precision,
+        out_dir=str(out),
+        checkpoint=str(latest_checkpoint(ckpt_root)),
+        metrics_path=str(metrics.path),
+        plot_path=str(plot_path),
+        tensorboard_dir=str(out / "tensorboard"),
     )
     atomic_write_json(out / "summary.json", result.to_dict())
     console.print(
-        f"done: step {result.step} | " + "".join(f"val {k} {v:.4f} | " for k, v in last_eval.items())
+        f"done: step {result.step} | "
+        + "".join(f"val {k} {v:.4f} | " for k, v in last_eval.items())
         + f"{result.tok_per_s:,.0f} tok/s | MFU {result.mfu:.1%} | {result.checkpoint}"
     )
     return result

@@ -70,8 +70,12 @@ def evaluate(
         with autocast(device, precision):
             logits_BTV = model(x_BT).logits
         # Row by row, so the fp32 copy of the logits is T x V, not B x T x V (8 GB at B=8, T=2k, V=129k).
-        nll_BT = torch.stack([F.cross_entropy(logits_BTV[b].float(), y_BT[b], ignore_index=IGNORE_INDEX,
-                                              reduction="none") for b in range(len(y_BT))])
+        nll_BT = torch.stack(
+            [
+                F.cross_entropy(logits_BTV[b].float(), y_BT[b], ignore_index=IGNORE_INDEX, reduction="none")
+                for b in range(len(y_BT))
+            ]
+        )
         valid_BT = y_BT != IGNORE_INDEX
         bytes_BT = torch.where(valid_BT, token_bytes[y_BT.clamp(min=0)], 0)
         nll_sum += nll_BT[valid_BT].sum(dtype=torch.float64)
@@ -91,8 +95,9 @@ def evaluate(
     }
 
 
-def pretrain(cfg: TrainConfig, *, resume: bool = False, model_config: ModelConfig | None = None,
-             console: Console | None = None) -> TrainResult:
+def pretrain(
+    cfg: TrainConfig, *, resume: bool = False, model_config: ModelConfig | None = None, console: Console | None = None
+) -> TrainResult:
     """Pretrain as `cfg` says; with `resume`, continue exactly from `<cfg.out>/checkpoints/latest`.
 
     `model_config` overrides `cfg.model_preset` for a fresh run; a resumed run always takes the model from its
@@ -119,27 +124,46 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, model_config: ModelConfi
         mcfg = model_config or ModelConfig.preset(cfg.model_preset)
         if mcfg.vocab_size != tokenizer.vocab_size:
             # The embedding must cover every id the tokenizer emits; a preset's vocab is only a default.
-            console.print(f"model vocab_size {mcfg.vocab_size} -> {tokenizer.vocab_size} to match the tokenizer in "
-                          f"{cfg.data}")
+            console.print(
+                f"model vocab_size {mcfg.vocab_size} -> {tokenizer.vocab_size} to match the tokenizer in {cfg.data}"
+            )
             mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
         model = Transformer(mcfg)
     if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}; lower --seq-len.")
-    console.print(f"model {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active) "
-                  f"| {cfg.tokens_per_step:,} tokens/step")
+        raise ValueError(
+            f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+            f"{model.config.max_position_embeddings}; lower --seq-len."
+        )
+    console.print(
+        f"model {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active) "
+        f"| {cfg.tokens_per_step:,} tokens/step"
+    )
 
     def validation(m: torch.nn.Module) -> dict[str, float]:  # the same batches, in the same order, every time
-        batches = eval_batches(cfg.data, cfg.batch_size, cfg.seq_len, "val", max_batches=cfg.eval_batches,
-                               device=device)
+        batches = eval_batches(
+            cfg.data, cfg.batch_size, cfg.seq_len, "val", max_batches=cfg.eval_batches, device=device
+        )
         result = evaluate(m, batches, token_bytes, device, precision)
         return {k: result[k] for k in ("loss", "ppl", "bpb")}
 
-    run_info = {"model": model.config.to_dict(), "params": model.num_params(),
-                "active_params": model.num_params(active=True)}
-    return train_loop(model, loader, next_token_loss, cfg, evaluate=validation,
-                      flops_per_token=model.flops_per_token(cfg.seq_len), tokenizer=tokenizer, resume_from=start,
-                      run_info=run_info, console=console, name="pretrain")
+    run_info = {
+        "model": model.config.to_dict(),
+        "params": model.num_params(),
+        "active_params": model.num_params(active=True),
+    }
+    return train_loop(
+        model,
+        loader,
+        next_token_loss,
+        cfg,
+        evaluate=validation,
+        flops_per_token=model.flops_per_token(cfg.seq_len),
+        tokenizer=tokenizer,
+        resume_from=start,
+        run_info=run_info,
+        console=console,
+        name="pretrain",
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -149,8 +173,10 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, model_config: ModelConfi
 @options(cfg=Options(TrainConfig))
 def pretrain_command(
     cfg: TrainConfig,
-    resume: Annotated[bool, typer.Option(help="Continue exactly from <out>/checkpoints/latest; flags you set "
-                                              "override the saved config.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue exactly from <out>/checkpoints/latest; flags you set override the saved config."),
+    ] = False,
     given: frozenset[str] = frozenset(),
 ) -> TrainResult:
     """Pretrain a model on tokenized data: AdamW + warmup/cosine, bf16/fp16 autocast, MoE balancing,
@@ -171,8 +197,10 @@ def pretrain_command(
     ckpt = check_resumable(cfg, resume=True)
     state = read_trainer_state(ckpt)
     if "train_config" not in state:
-        raise ValueError(f"{ckpt / 'trainer_state.json'} records no train_config to resume with; it was not written "
-                         "by `deepsail pretrain`.")
+        raise ValueError(
+            f"{ckpt / 'trainer_state.json'} records no train_config to resume with; it was not written "
+            "by `deepsail pretrain`."
+        )
     saved = TrainConfig.from_dict(state["train_config"])
     changed: dict[str, Any] = {k: getattr(cfg, k) for k in given if k in TrainConfig.__dataclass_fields__}
     return pretrain(saved.replace(**changed), resume=True)
