@@ -29,6 +29,7 @@ from deepsail.cli import app as cli_app
 from deepsail.data import Tokenizer, default_corpus
 from deepsail.model import ModelConfig, Transformer
 from deepsail.serve import ServerConfig, create_app, load_served
+from deepsail.serve.app import uvicorn_config
 
 MAX_LEN = 512  # the debug preset's context
 
@@ -57,12 +58,12 @@ def model_dir(tmp_path_factory) -> Path:
 class Live:
     """uvicorn on 127.0.0.1 in a background thread, on a socket bound here (port 0: no race for a free port)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, config: ServerConfig | None = None) -> None:
         self.app = app
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -86,7 +87,8 @@ class Live:
 
 
 def _serve(model_dir: Path, config: ServerConfig | None = None, **engine) -> Live:
-    live = Live(create_app(lambda: load_served(model_dir, **engine), config))
+    config = config or ServerConfig(model_name="tiny")  # the id clients send as `model`
+    live = Live(create_app(lambda: load_served(model_dir, **engine), config), config)
     live.wait_ready()
     return live
 
@@ -169,7 +171,11 @@ def test_completions_n_stop_echo_logprobs(client):
     for c in out.choices:
         lp = c.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
-        assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+        # echo scores the prompt too: its first token has nothing before it (null), every other entry is a logprob
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+        assert "".join(lp.tokens).startswith("a = 1" if c.index < 2 else "b = 2")
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     for c in out.choices:  # echo, then no stop string in what was generated
         prompt = "a = 1" if c.index < 2 else "b = 2"
         assert c.text.startswith(prompt) and "\n" not in c.text[len(prompt) :] and "zz" not in c.text
@@ -212,10 +218,29 @@ def test_generate_endpoint(server):
         ({"prompt": 5}, "prompt"),
         ({"prompt": [9999]}, "prompt"),  # out of the vocabulary
         ({"max_tokens": 3}, "prompt"),
+        # strict types, as OpenAI: no "4" -> 4, no true -> 1
+        ({"prompt": "x", "max_tokens": "4"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "n": 1.0}, "n"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+        # valid JSON, invalid text: a lone surrogate
+        ({"prompt": "a\ud800b"}, "prompt"),
+        ({"prompt": ["fine", "b\udfffc"]}, "prompt.1"),
+        ({"prompt": "x", "stop": ["\ud83d"]}, "stop"),
+        # fields that would change the answer, refused rather than ignored
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "suffix": "tail"}, "suffix"),
+        ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ],
 )
 def test_invalid_requests_are_400(server, body, param):
-    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    # json.dumps escapes lone surrogates (\\ud800), as a client written in JS would send them
+    r = httpx.post(
+        f"{server.url}/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
@@ -226,9 +251,123 @@ def test_bad_json_and_chat_roles_are_400(server):
     r = httpx.post(
         f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert r.status_code == 400 and "error" in r.json()
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] is None, err  # not param "1" (FastAPI's character offset)
+    assert err["message"].startswith("the request body is not valid JSON") and "character 1" in err["message"], err
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \udc00"}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+            "messages.0.content.0.text",
+        ),
+        ("/generate", {"prompt": "\ud800"}, "prompt"),
+    ],
+)
+def test_lone_surrogates_are_400_naming_the_field(server, path, body, param):
+    """json.dumps writes the lone surrogate as the escape \\ud800: valid JSON, but no text a tokenizer can read (this
+    was a 500 from the tokenizer's TypeError)."""
+    r = httpx.post(f"{server.url}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "not valid Unicode" in err["message"], err
+
+
+def test_unknown_model_is_404_and_no_model_is_fine(server):
+    for path, body in (
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+        ("/generate", {"prompt": "x", "max_tokens": 1}),
+    ):
+        r = httpx.post(f"{server.url}{path}", json=body | {"model": "gpt-4"})
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]  # OpenAI's shape
+        assert err["param"] == "model" and err["code"] == "model_not_found" and "gpt-4" in err["message"], err
+        assert httpx.post(f"{server.url}{path}", json=body).status_code == 200
+        assert httpx.post(f"{server.url}{path}", json=body | {"model": "tiny"}).status_code == 200
+
+
+def test_tools_and_structured_output_are_refused_not_ignored(server):
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    for extra, param in (
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=chat | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # their no-op values are fine
+    for extra in ({"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}):
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=chat | extra).status_code == 200
+
+
+def test_echo_with_logprobs_scores_every_prompt_token(server, model_dir):
+    """What lm-eval's local-completions sends to score a continuation: echo, logprobs, max_tokens 1. Each prompt
+    token's logprob must be the model's own log p(token | the tokens before it); the first has none (null)."""
+    import deepsail as ds
+
+    tok = Tokenizer.load(model_dir)
+    context, continuation = "def add(a, b):\n    return", " a + b"
+    ids = tok.encode(context + continuation)
+    n_ctx = len(tok.encode(context))
+    body = {
+        "model": "tiny",
+        "prompt": context + continuation,
+        "max_tokens": 1,
+        "echo": True,
+        "logprobs": 1,
+        "temperature": 0,
+    }
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt's tokens, then the one generated
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert "".join(lp["tokens"][: len(ids)]) == context + continuation
+    model = ds.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    want = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1 : len(ids)], want)) < 1e-4
+    # the continuation's log-likelihood (what a scorer sums) is not 0, and its top-1 is a real distribution entry
+    assert sum(lp["token_logprobs"][n_ctx : len(ids)]) < -0.1
+    assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    # streaming gives the same arrays, the prompt's in the first chunk
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body | {"stream": True}, timeout=30) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [v for c in chunks for v in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+
+
+def test_a_huge_prompt_is_refused_before_any_tokenizing(server):
+    """The server refuses text that cannot fit the context from its byte length alone: no token covers more than
+    the tokenizer's longest token, so 2 MB can never fit 512 tokens. (Today's 7 MB prompt took 6.6 s to tokenize
+    before being refused, and four of them stalled other clients for 20 s.)"""
+    tok = server.app.state.deepsail.served.tokenizer
+    calls = []
+    real = tok.encode
+    tok.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        t0 = time.monotonic()
+        for path, body in (
+            ("/v1/completions", {"prompt": "word " * 400_000}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 400_000}]}),
+            ("/generate", {"prompt": "word " * 400_000}),
+        ):
+            r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+            assert r.status_code == 400 and "bytes" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - t0 < 5 and not calls
+        ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "word " * 20, "max_tokens": 1})
+        assert ok.status_code == 200 and calls
+    finally:
+        tok.encode = real
 
 
 def test_prompt_over_context_is_400_naming_both_numbers(server):
@@ -306,6 +445,61 @@ def test_health_503_while_loading_then_200_and_api_keys(model_dir):
             openai.OpenAI(base_url=f"{live.url}/v1", api_key="nope", max_retries=0).models.list()
     finally:
         release.set()
+        live.close()
+
+
+def test_slow_and_half_open_connections_are_timed_out_and_docs_need_the_key(model_dir):
+    """A connection may not sit on the server for free: half a request line, or a body trickling in a byte at a
+    time, is cut off at the configured timeouts. With --api-key, /docs, /redoc and /openapi.json need it too."""
+    from urllib.parse import urlparse
+
+    cfg = ServerConfig(api_key="k", model_name="tiny", header_timeout_s=0.5, body_timeout_s=0.5)
+    live = _serve(model_dir, cfg, max_model_len=64)
+    host, port = urlparse(live.url).hostname, urlparse(live.url).port
+    try:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(f"{live.url}{path}").status_code == 401, path
+            assert httpx.get(f"{live.url}{path}", headers={"Authorization": "Bearer k"}).status_code == 200, path
+        assert "/v1/completions" in httpx.get(f"{live.url}/openapi.json", headers={"X-API-Key": "k"}).json()["paths"]
+
+        def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+            sock.settimeout(seconds)
+            data = b""
+            try:
+                while chunk := sock.recv(4096):
+                    data += chunk
+            except TimeoutError:
+                return False, data
+            return True, data
+
+        # connected, nothing sent; then half a request line: both closed after ~0.5 s
+        for opening in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):
+            with socket.create_connection((host, port)) as sock:
+                sock.sendall(opening)
+                t0 = time.monotonic()
+                closed, _ = closed_within(sock, 5)
+                assert closed and time.monotonic() - t0 < 3, opening
+        # headers in time, then a body that trickles: 408 once the body timeout passes
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            t0 = time.monotonic()
+            for _ in range(3):
+                time.sleep(0.3)
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    break
+            closed, reply = closed_within(sock, 5)
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert b"within 0.5 s" in reply and time.monotonic() - t0 < 3
+        # an ordinary request on a kept-alive connection still works after the first response
+        with httpx.Client(base_url=live.url, headers={"Authorization": "Bearer k"}) as c:
+            for _ in range(2):
+                assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+    finally:
         live.close()
 
 
@@ -428,6 +622,127 @@ def test_schemathesis_fuzz_finds_no_5xx(model_dir):
 
                 fuzz()
         assert not failures, "\n".join(failures)
+        assert live.engine.stats()["kv_blocks_used"] == 0
+    finally:
+        live.close()
+
+
+def test_property_no_body_gets_a_5xx_or_an_unhelpful_400(model_dir):
+    """Hypothesis over the request schemas: every known field of each endpoint, each given a value that is valid,
+    of the wrong type (numbers as strings, bools as numbers, nulls, nested containers), out of range, or text with
+    lone surrogates, in random combinations. The server answers 200 or a 4xx with OpenAI's error body whose message
+    is non-empty and whose param, if any, names a field of the request; never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    live = _serve(model_dir, max_batch_size=16, max_model_len=48)
+    surrogate_text = st.builds(
+        lambda a, s, b: a + s + b, st.text(max_size=8), st.sampled_from(["\ud800", "\udfff"]), st.text(max_size=8)
+    )
+    confused = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        surrogate_text,
+        st.sampled_from(["4", "true", "0.5", "", "NaN"]),
+        st.lists(st.integers(-5, 600), max_size=4),
+        st.lists(surrogate_text, max_size=2),
+        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    )
+    good = {
+        "max_tokens": st.integers(1, 4),
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.1, 1),
+        "top_k": st.integers(-1, 50),
+        "n": st.integers(1, 2),
+        "seed": st.integers(0, 2**31),
+        "stop": st.sampled_from(["\n", ["a", "b"]]),
+        "logprobs": st.integers(0, 3),
+        "echo": st.booleans(),
+        "stream": st.booleans(),
+        "model": st.just("tiny"),
+        "prompt": st.one_of(st.text(max_size=20), st.lists(st.integers(0, 511), min_size=1, max_size=6)),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=12)}
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        "top_logprobs": st.integers(0, 3),
+        "min_p": st.floats(0, 1),
+        "repetition_penalty": st.floats(0.5, 2),
+    }
+    fields = {
+        "/v1/completions": [
+            "prompt",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "n",
+            "seed",
+            "stop",
+            "logprobs",
+            "echo",
+            "stream",
+            "model",
+            "min_p",
+            "repetition_penalty",
+        ],
+        "/v1/chat/completions": [
+            "messages",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "seed",
+            "stop",
+            "stream",
+            "model",
+            "top_logprobs",
+            "repetition_penalty",
+        ],
+        "/generate": ["prompt", "max_tokens", "temperature", "seed", "stop", "model"],
+    }
+    problems: list[str] = []
+
+    def body_for(path: str) -> st.SearchStrategy:
+        def one(name: str) -> st.SearchStrategy:
+            return st.one_of(good[name], confused) if name in good else confused
+
+        required = [{"/v1/chat/completions": "messages"}.get(path, "prompt"), "max_tokens"]
+        return st.fixed_dictionaries(
+            {k: one(k) for k in required}, optional={k: one(k) for k in fields[path] if k not in required}
+        )
+
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as http:
+            for path in fields:
+
+                @settings(
+                    max_examples=60,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    suppress_health_check=list(HealthCheck),
+                )
+                @given(body=body_for(path))
+                def check(body: dict, path: str = path) -> None:
+                    raw = json.dumps(body, allow_nan=True)  # NaN/Infinity literals and \\ud800 escapes included
+                    r = http.post(path, content=raw, headers={"content-type": "application/json"})
+                    if r.status_code >= 500 or r.status_code not in (200, 400, 404, 413, 429):
+                        problems.append(f"{path} {r.status_code}: {raw[:200]} -> {r.text[:200]}")
+                    elif r.status_code != 200:
+                        err = r.json().get("error", {})
+                        param = (err.get("param") or "").split(".")[0]
+                        if not err.get("message") or (param and param not in body):
+                            problems.append(f"{path} {r.status_code} unhelpful: {raw[:200]} -> {err}")
+
+                check()
+        assert not problems, "\n".join(problems[:10])
         assert live.engine.stats()["kv_blocks_used"] == 0
     finally:
         live.close()

@@ -37,6 +37,7 @@ a model downloaded from the hub brings its own tokenizer to `deepsail generate`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ import tokenizers
 import typer
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from deepsail.files import atomic_path, atomic_write_json
+from deepsail.files import atomic_path, atomic_write_json, ensure_folder
 
 if TYPE_CHECKING:
     import torch
@@ -170,9 +171,20 @@ class Tokenizer:
                 "for an HF model that ships only a slow tokenizer, convert it with "
                 "`AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`"
             )
-        tok = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+            raise ValueError(
+                f"{file} is not a tokenizers file ({e}); it may be truncated or overwritten. Copy the "
+                "tokenizer the model was trained with back into its folder."
+            ) from e
         config_file = file.parent / "tokenizer_config.json"
-        config = json.loads(config_file.read_text("utf-8")) if config_file.is_file() else {}
+        try:
+            config = json.loads(config_file.read_text("utf-8")) if config_file.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e}); restore it or delete it") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} holds {type(config).__name__}, not a JSON object")
         # Newer transformers versions save the template in its own file.
         template_file = file.parent / "chat_template.jinja"
         if "chat_template" not in config and template_file.is_file():
@@ -228,6 +240,13 @@ class Tokenizer:
         return [self.bos_id] + ids if self.bos_id is not None else ids
 
     # --- vocabulary facts ----------------------------------------------------------------------
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text any one token stands for (special tokens' text included): a text of n bytes
+        is at least n / max_token_bytes tokens, a bound a server checks before it tokenizes anything."""
+        texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return max(len(t.encode("utf-8", "replace")) for t in texts) or 1
 
     @property
     def vocab_size(self) -> int:
@@ -477,6 +496,7 @@ def tokenizer_train(
             f"embedded corpus (Python {info.python} stdlib, train split): {len(docs)} files, "
             f"{sum(len(t.encode('utf-8', 'surrogatepass')) for t in source) / 1e6:.1f} MB"
         )
+    ensure_folder(out)  # before the minutes of training, not after
     console.print(f"training a {vocab_size}-token BPE on {what}")
     t0 = time.perf_counter()
     tok = Tokenizer.train(source, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=console.is_terminal)

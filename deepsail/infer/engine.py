@@ -410,12 +410,21 @@ class Engine:
         cache = KVCache(
             self.pool, torch.tensor(table, device=dev), torch.tensor([r.num_computed for r, _ in batch], device=dev)
         )
-        logits = self.model(
+        # Rows that score their prompt (prompt_logprobs) need every position's logits, not just the last: the model
+        # hands back its hidden states and only those rows' prompt positions go through the head.
+        scoring = [
+            i for i, (r, _) in enumerate(batch) if r.state.prompt_logprobs is not None and r.num_computed < r.prompt_len
+        ]
+        out = self.model(
             torch.tensor(ids, device=dev),
             cache=cache,
             input_lens=torch.tensor([n for _, n in batch], device=dev),
             last_logits_only=True,
-        ).logits[:, 0]
+            return_hidden=bool(scoring),
+        )
+        logits = out.logits[:, 0]
+        for i in scoring:
+            self._score_prompt(batch[i][0], out.hidden[i, : batch[i][1]])
 
         ready = []
         for i, (req, n) in enumerate(batch):
@@ -433,6 +442,7 @@ class Engine:
             req.tokens.append(event.token_id)
             self.counters["generation_tokens"] += 1
             if req.last_token_time is None:
+                event.prompt_logprobs = req.state.prompt_logprobs
                 ttft = now - req.handle.metrics["arrival"]
                 req.handle.metrics["first_token"] = now
                 self._ttft.append(ttft)
@@ -517,10 +527,30 @@ class Engine:
             budget -= n
         return batch
 
+    def _score_prompt(self, req: _Request, hidden_ND: torch.Tensor, chunk: int = 256) -> None:
+        """Log-probabilities of the prompt tokens this step's chunk predicts: position p's logits score token p + 1.
+        In slices of `chunk` positions, so a long prompt never materialises [len, vocab] logits at once."""
+        start = req.num_computed
+        m = min(len(hidden_ND), req.prompt_len - 1 - start)  # positions whose next token is still prompt
+        n_top = req.state.params.prompt_logprobs
+        for a in range(0, max(m, 0), chunk):
+            b = min(a + chunk, m)
+            logp = self.model.logits_of(hidden_ND[a:b]).float().log_softmax(-1)
+            targets = torch.tensor(req.tokens[start + a + 1 : start + b + 1], device=logp.device)
+            chosen = logp.gather(1, targets[:, None]).squeeze(1).tolist()
+            if n_top:
+                top_lp, top_ids = logp.topk(n_top, dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            for j, (lp, top) in enumerate(zip(chosen, tops)):
+                req.state.prompt_logprobs[start + a + j + 1] = (lp, top)
+
     def _match_prefix(self, req: _Request) -> tuple[list[int], list[int]]:
         """Cached blocks for the longest run of req's full leading blocks, and their chain hashes. At least one
-        token is always left to compute: its logits are where sampling starts."""
-        if not self.config.enable_prefix_caching:
+        token is always left to compute: its logits are where sampling starts. A request that scores its prompt
+        computes all of it (a cached block has no logits to score)."""
+        if not self.config.enable_prefix_caching or req.state.prompt_logprobs is not None:
             return [], []
         bs = self.config.block_size
         blocks, hashes, h = [], [], 0

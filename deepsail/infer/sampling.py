@@ -45,6 +45,11 @@ class SamplingParams:
     )
     seed: int | None = knob(None, "Random seed: the same seed gives the same tokens, whatever shares the batch.")
     logprobs: int | None = knob(None, "Report log-probabilities: 0 = the chosen token's, n = also the top n.")
+    prompt_logprobs: int | None = knob(
+        None,
+        "Score the prompt too: each prompt token's log-probability given the "
+        "ones before it (0 = just that, n = also the top n).",
+    )
     ignore_eos: bool = knob(False, "Keep generating past EOS (benchmarks).")
 
     def __post_init__(self) -> None:
@@ -67,8 +72,10 @@ class SamplingParams:
             raise ValueError(f"min_p={self.min_p}: must be in [0, 1] (0 turns it off)")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 turns it off)")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs={self.logprobs}: must be between 0 and 20 (OpenAI's limit)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name}={value}: must be between 0 and 20 (OpenAI's limit)")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if any(i < 0 for i in self.stop_token_ids):
@@ -251,6 +258,9 @@ class StreamEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last event
+    # On a request's first event, with params.prompt_logprobs: per prompt token, (logprob given the tokens before it,
+    # top n), None for the first token (nothing comes before it)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 def default_stop_ids(model_config: Any, tokenizer: Any) -> set[int]:
@@ -285,6 +295,10 @@ class DecodeState:
 
     def __post_init__(self) -> None:
         self.text_tracker = TextTracker(self.tokenizer, self.prompt_ids, self.params.stop)
+        scored = self.params.prompt_logprobs is not None
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = (
+            [None] * len(self.prompt_ids) if scored else None
+        )
         self.generator = None if self.params.greedy else self.params.make_generator()
         self.stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.eos_ids))
         self._seen: torch.Tensor | None = None

@@ -137,7 +137,7 @@ class Transformer(HFCheckpoint, nn.Module):
         if last_logits_only:
             last = (input_lens - 1) if input_lens is not None else torch.full((B,), T - 1, device=x.device)
             x = x[torch.arange(B, device=x.device), last][:, None]
-        logits = self.lm_head(self.norm(x))
+        logits = self.logits_of(x)
         out = ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
         if cache is not None:
             cache.lens += input_lens if input_lens is not None else T
@@ -152,6 +152,10 @@ class Transformer(HFCheckpoint, nn.Module):
                 out.aux_loss = torch.stack(aux).sum()
                 out.loss = out.loss + out.aux_loss
         return out
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the last block's output (`ModelOutput.hidden`): final norm, then the head."""
+        return self.lm_head(self.norm(hidden))
 
     def _context(
         self, B: int, T: int, device: torch.device, cache: KVCache | None, input_lens: torch.Tensor | None

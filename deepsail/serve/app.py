@@ -27,9 +27,11 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepsail.errors import explain
 from deepsail.serve import protocol as P
 from deepsail.serve.metrics import CONTENT_TYPE, ServerMetrics
 from deepsail.serve.middleware import BodyLimit, CountRequests
@@ -48,6 +50,11 @@ class ServerConfig:
     # engine.shutdown's bound at app shutdown. Under `deepsail serve`, uvicorn has already drained HTTP requests
     # (--drain-timeout) and cancelled the rest, so this only covers the engine's last step.
     engine_drain_s: float = 5.0
+    # Slow clients may not hold a connection for free: the request line and headers must arrive within
+    # header_timeout_s of connecting (or of the previous response), the whole body within body_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_concurrent_tokenize: int = 2  # tokenizer threads at once (the engine needs the cores)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Served:
     model_name: str
     max_model_len: int
     vocab_size: int
+    max_token_bytes: int = 64  # the most bytes of text one token stands for (Tokenizer.max_token_bytes)
 
 
 def load_served(path: str | Path, device: str | None = None, dtype: str | None = None, **engine_config: Any) -> Served:
@@ -77,11 +85,28 @@ def load_served(path: str | Path, device: str | None = None, dtype: str | None =
         )
     engine = Engine(model, tokenizer, EngineConfig(**{k: v for k, v in engine_config.items() if v is not None}))
     engine.start()
-    return Served(engine, tokenizer, Path(path).resolve().name, engine.max_model_len, model.config.vocab_size)
+    return Served(
+        engine,
+        tokenizer,
+        Path(path).resolve().name,
+        engine.max_model_len,
+        model.config.vocab_size,
+        tokenizer.max_token_bytes,
+    )
+
+
+def uvicorn_config(app: FastAPI, cfg: ServerConfig | None = None, **kwargs: Any) -> Any:
+    """uvicorn's Config for this app, with the header timeout (`middleware.timed_http_protocol`) uvicorn lacks."""
+    import uvicorn
+
+    from deepsail.serve.middleware import timed_http_protocol
+
+    cfg = cfg or ServerConfig()
+    return uvicorn.Config(app, http=timed_http_protocol(cfg.header_timeout_s), **kwargs)
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(P.error_body(e.message, e.type, e.param, e.status), status_code=e.status, headers=e.headers)
+    return JSONResponse(P.error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
 # --- app state and checks -----------------------------------------------------------------------------------------
@@ -98,13 +123,14 @@ class State:
             self.served = self._load()
             log.info("model %s loaded in %.1fs; ready", self.served.model_name, time.perf_counter() - t0)
         except BaseException as e:  # reported on /health, and to the CLI, which exits
-            self.error = f"{type(e).__name__}: {e}"
-            if isinstance(e, ValueError):  # a user error with its own explanation: no traceback needed
-                log.error("model failed to load: %s", e)
+            explained = explain(e)
+            self.error = explained or f"{type(e).__name__}: {e}"
+            if self._on_load_error is not None:
+                self._on_load_error(e)  # the CLI reports it, through its one error path
+            elif explained is not None:  # a user error with its own explanation: no traceback needed
+                log.error("model failed to load: %s", explained)
             else:
                 log.exception("model failed to load")
-            if self._on_load_error is not None:
-                self._on_load_error(e)
 
     def ready(self) -> Served:
         if self.served is None:
@@ -130,6 +156,13 @@ def _validation_error(errors: Any) -> APIError:
 
     if not errors:
         return APIError(400, "invalid request")
+    if errors[0].get("type") == "json_invalid":  # FastAPI reports the character offset as the "field"
+        loc, why = errors[0].get("loc", ()), (errors[0].get("ctx") or {}).get("error", "JSON decode error")
+        at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return APIError(400, f"the request body is not valid JSON: {why}{at}")
+    # A value of the right type but a wrong value ("is not valid Unicode") says more than the "should be a list" of
+    # the union's other members: those errors go first.
+    errors = sorted(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
     param = where(errors[0])
     same = [e for e in errors if where(e) == param]
     msgs = list(dict.fromkeys(str(e.get("msg", "invalid")).removeprefix("Value error, ") for e in same))
@@ -157,7 +190,15 @@ def create_app(
         if state.served is not None:
             await asyncio.to_thread(state.served.engine.shutdown, cfg.engine_drain_s)
 
-    app = FastAPI(title="deepsail", summary="OpenAI-compatible inference server", lifespan=lifespan)
+    # The schema and its doc pages are served by the routes below, behind the API key like everything but /health.
+    app = FastAPI(
+        title="deepsail",
+        summary="OpenAI-compatible inference server",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     metrics = ServerMetrics(lambda: state.served.engine.stats() if state.served else None)
     app.state.deepsail = state
 
@@ -212,10 +253,22 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=protected)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="deepsail API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=protected)
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title="deepsail API")
+
     add_routes(app, state, cfg, metrics, protected)
 
     # Outermost first: count every request (413s included), then bound the body.
     paths = {r.path for r in app.routes if hasattr(r, "path")}
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
     app.add_middleware(CountRequests, metrics=metrics, paths=paths)
     return app

@@ -111,7 +111,8 @@ def serve_command(
     """
     import uvicorn
 
-    from deepsail.serve.app import ServerConfig, create_app, load_served
+    from deepsail.precision import parse_precision, resolve_device
+    from deepsail.serve.app import ServerConfig, create_app, load_served, uvicorn_config
 
     if threads is not None:
         import torch
@@ -122,6 +123,10 @@ def serve_command(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     if not Path(path).exists():
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
+    # Everything that can be checked before the port opens is: a bad flag fails in one line, not from the loader.
+    kv_budget_bytes = parse_bytes(kv_budget) if kv_budget else None
+    resolve_device(device)
+    parse_precision(dtype)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.getLogger("deepsail.serve").warning(
             "serving on %s without an API key: anyone who can reach this port can use the model (set DEEPSAIL_API_KEY)",
@@ -135,7 +140,7 @@ def serve_command(
             device=device,
             dtype=dtype,
             max_batch_size=max_batch_size,
-            kv_budget_bytes=parse_bytes(kv_budget) if kv_budget else None,
+            kv_budget_bytes=kv_budget_bytes,
             max_waiting=max_waiting,
             max_model_len=max_model_len,
         )
@@ -144,14 +149,15 @@ def serve_command(
         failed.append(e)
         server.should_exit = True  # a server that can never be ready should not sit there answering 503
 
-    app = create_app(load, ServerConfig(api_key=api_key, model_name=served_model_name), on_load_error)
+    cfg = ServerConfig(api_key=api_key, model_name=served_model_name)
+    app = create_app(load, cfg, on_load_error)
     # uvicorn drains on SIGTERM: stops listening, lets in-flight requests run for `timeout_graceful_shutdown`
     # seconds, cancels what is left (which cancels it in the engine), then runs the app's shutdown.
     server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info", access_log=False
+        uvicorn_config(
+            app, cfg, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info", access_log=False
         )
     )
     server.run()
     if failed:
-        raise typer.Exit(1)
+        raise failed[0]  # the CLI's one error path reports it (one line for an expected failure)

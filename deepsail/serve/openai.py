@@ -31,9 +31,12 @@ MAX_CHOICES = 64  # prompts × n per request: each choice is a separate sequence
 
 
 # --- turning a request into engine jobs ------------------------------------------------------------------------------
-def sampling_params(req: P.SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+def sampling_params(
+    req: P.SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int, prompt_logprobs: int | None = None
+) -> SamplingParams:
     try:
         return SamplingParams(
+            prompt_logprobs=prompt_logprobs,
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_k=max(req.top_k, 0),
@@ -71,6 +74,32 @@ def fit(served: Served, prompt_len: int, max_tokens: int | None) -> int:
             param="max_tokens",
         )
     return max_tokens
+
+
+def check_model(served: Served, cfg: ServerConfig, requested: str | None) -> None:
+    """404 for a model this server does not serve (as vLLM): silently answering with another model is wrong output."""
+    name = cfg.model_name or served.model_name
+    if requested is not None and requested != name:
+        raise APIError(
+            404,
+            f"The model `{requested}` does not exist; this server serves `{name}` (see /v1/models).",
+            "not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_text_size(served: Served, text_bytes: int, param: str) -> None:
+    """Refuse text that cannot fit the context before spending any time tokenizing it: no token stands for more
+    than `max_token_bytes` bytes, so a text longer than context x that many bytes is too long whatever it says."""
+    limit = served.max_model_len * served.max_token_bytes
+    if text_bytes > limit:
+        raise APIError(
+            400,
+            f"{param} is {text_bytes:,} bytes; this model's context of {served.max_model_len} tokens "
+            f"holds at most {limit:,} bytes of text. Shorten it.",
+            param=param,
+        )
 
 
 def check_ids(served: Served, ids: list[int]) -> None:
@@ -121,6 +150,15 @@ def token_logprobs(tok: Any, evs: list[Any]) -> list[tuple[str, float, list[tupl
     ]
 
 
+def prompt_token_logprobs(tok: Any, ids: list[int], scored: list | None) -> list[tuple[str, Any, Any]]:
+    """The same per prompt token (echo with logprobs): the first has no logprob, as OpenAI and vLLM report it."""
+    out = []
+    for i, entry in zip(ids, scored or [None] * len(ids)):
+        lp, top = entry if entry is not None else (None, None)
+        out.append((tok.decode([i]), lp, None if top is None else [(tok.decode([t]), v) for t, v in top]))
+    return out
+
+
 def finish_reason(evs: list[Any]) -> str | None:
     return next((ev.finish_reason for ev in reversed(evs) if ev.finish_reason), None)
 
@@ -150,7 +188,14 @@ async def _respond(
 
 # --- the routes -------------------------------------------------------------------------------------------------------
 def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMetrics, protected: list[Any]) -> None:
-    errors = {400: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse}}
+    errors = {400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse}}
+    # Tokenizing runs in worker threads, a few at a time: a burst of big prompts queues here instead of taking every
+    # core from the engine (the size check above already refused any text that cannot fit the context).
+    tokenizing = asyncio.Semaphore(cfg.max_concurrent_tokenize)
+
+    async def tokenize(fn: Callable[[], Any]) -> Any:
+        async with tokenizing:
+            return await asyncio.to_thread(fn)
 
     def model_name(s: Served) -> str:
         return cfg.model_name or s.model_name
@@ -164,6 +209,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         s = state.ready()
+        check_model(s, cfg, req.model)
         tok = s.tokenizer
         prompts = req.prompts()
         if len(prompts) * req.n > MAX_CHOICES:
@@ -173,28 +219,37 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 f"{MAX_CHOICES} per request",
                 param="n",
             )
-        encoded = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+        for k, p in enumerate(prompts):
+            if isinstance(p, str):
+                check_text_size(s, len(p.encode("utf-8")), "prompt" if len(prompts) == 1 else f"prompt.{k}")
+        encoded = await tokenize(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+        # echo + logprobs scores the prompt itself (how lm-eval and other scorers compute log-likelihoods)
+        scoring = req.logprobs if req.echo else None
         jobs, prompt_tokens = [], 0
         for ids in encoded:
             check_ids(s, ids)
             max_tokens = fit(s, len(ids), req.max_tokens)
             prompt_tokens += len(ids)
-            jobs += [(ids, sampling_params(req, max_tokens, req.logprobs, j)) for j in range(req.n)]
+            jobs += [(ids, sampling_params(req, max_tokens, req.logprobs, j, scoring)) for j in range(req.n)]
         metrics.prompt_tokens.inc(prompt_tokens)
-        echo = [tok.decode(ids) if req.echo else "" for ids in encoded for _ in range(req.n)]
+        prompt_of = [ids for ids in encoded for _ in range(req.n)]
+        echo = [tok.decode(ids) if req.echo else "" for ids in prompt_of]
         streams = ChoiceStreams(submit(s, cfg, jobs), metrics, arrival)
         head = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": model_name(s)}
-        offsets = [len(e) for e in echo]  # text_offset of the next token, per choice
+        offsets = [0] * len(jobs)  # text_offset of the next token, per choice
         first = [True] * len(jobs)
 
         def logprobs_of(i: int, evs: list[Any]) -> P.CompletionLogprobs | None:
             if req.logprobs is None:
                 return None
             out = P.CompletionLogprobs()
-            for piece, lp, top in token_logprobs(tok, evs):
+            entries = token_logprobs(tok, evs)
+            if scoring is not None and evs and evs[0].prompt_logprobs is not None:  # this choice's first event
+                entries = prompt_token_logprobs(tok, prompt_of[i], evs[0].prompt_logprobs) + entries
+            for piece, lp, top in entries:
                 out.tokens.append(piece)
                 out.token_logprobs.append(lp)
-                out.top_logprobs.append(dict(top) if req.logprobs else None)
+                out.top_logprobs.append(dict(top) if req.logprobs and top is not None else None)
                 out.text_offset.append(offsets[i])
                 offsets[i] += len(piece)
             return out
@@ -235,7 +290,9 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         s = state.ready()
+        check_model(s, cfg, req.model)
         tok = s.tokenizer
+        check_text_size(s, sum(len(m.text().encode("utf-8")) for m in req.messages), "messages")
 
         def render() -> list[int]:
             try:
@@ -244,7 +301,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 raise APIError(400, f"chat template rejected the messages: {e}", param="messages") from e
             return tok.encode(text)
 
-        ids = await asyncio.to_thread(render)
+        ids = await tokenize(render)
         check_ids(s, ids)
         max_tokens = fit(s, len(ids), req.max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -340,7 +397,9 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         """Plain text in, text out: {"prompt": "...", "max_tokens": 64, "temperature": 0} -> {"text": ...}."""
         arrival = time.perf_counter()
         s = state.ready()
-        ids = await asyncio.to_thread(s.tokenizer.encode, req.prompt)
+        check_model(s, cfg, req.model)
+        check_text_size(s, len(req.prompt.encode("utf-8")), "prompt")
+        ids = await tokenize(lambda: s.tokenizer.encode(req.prompt))
         check_ids(s, ids)
         params = sampling_params(req, fit(s, len(ids), req.max_tokens), None, 0)
         metrics.prompt_tokens.inc(len(ids))

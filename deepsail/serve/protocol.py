@@ -1,10 +1,12 @@
 """The wire format: OpenAI-compatible request and response bodies (plus vLLM's common extensions).
 
 Requests are validated here, by pydantic, so a bad field is a 400 with the field's name before any work is done;
-the checks that need the model (context length, vocabulary) are in `app.py`. Unknown fields are ignored, as vLLM
-and OpenAI's own server do for forward compatibility. Fields we parse but do not implement (`logit_bias`,
-penalties other than `repetition_penalty`) are refused when set to anything but their no-op value, rather than
-silently ignored: a client that relies on them should find out.
+the checks that need the model (its name, context length, vocabulary) are in `openai.py`. Types are strict, as
+OpenAI's are: `"max_tokens": "4"` or `true` is an error, not a 4 or a 1. Every text field must be valid Unicode (a
+lone surrogate such as "\\ud800" is valid JSON but no text a tokenizer can read). Unknown fields are ignored, as vLLM
+and OpenAI's own server do for forward compatibility, but fields that would change the answer and that we do not
+implement (`response_format`, `tools`, `logit_bias`, penalties other than `repetition_penalty`, `best_of`) are
+refused when set to anything but their no-op value: a client that relies on them should find out.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Bounds that keep one request from asking for unbounded work. The context length bounds max_tokens further.
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
@@ -26,20 +28,35 @@ MAX_SEED = (1 << 63) - 1
 
 class _Body(BaseModel):
     # NaN/inf are never meaningful sampling values and would slip past range checks (nan >= 0 is False, inf is big).
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: no "4" -> 4 or true -> 1 coercion (an int is still a valid float).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"is not valid Unicode: an unpaired surrogate \\u{ord(text[e.start]):04x} at character {e.start} (JSON "
+            "escapes of characters outside the BMP come in pairs); send UTF-8 text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every text field a client sends
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None
 
 
 class SamplingFields(_Body):
     """Fields every generation endpoint shares; `app.sampling_params` turns them into `SamplingParams`."""
 
-    model: str | None = None
+    model: Text | None = Field(None, description="must be an id /v1/models lists (or absent)")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -56,14 +73,35 @@ class SamplingFields(_Body):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float) -> float:
+        if value:
+            raise ValueError("is not supported (only 0); use repetition_penalty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise ValueError("is not supported (only an empty map)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError(
+                f'type {value.get("type")!r} is not supported yet: only "text" (structured output would '
+                "be silently ignored otherwise)"
+            )
+        return value
 
     @model_validator(mode="after")
-    def _unsupported(self) -> SamplingFields:
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; use repetition_penalty")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+    def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
@@ -81,21 +119,23 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 class CompletionRequest(SamplingFields):
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    suffix: str | None = Field(None, description="not supported")
+    echo: bool = Field(False, description="prepend the prompt; with logprobs, score every prompt token too")
+    suffix: Text | None = Field(None, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 (no server-side reranking)")
 
-    @model_validator(mode="after")
-    def _no_suffix(self) -> CompletionRequest:
-        if self.suffix:
-            raise ValueError("suffix (insertion) is not supported")
-        return self
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("(insertion) is not supported")
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts, each text or token ids."""
@@ -147,13 +187,13 @@ class CompletionResponse(BaseModel):
 # --- /v1/chat/completions ---------------------------------------------------------------------------------------------
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -169,6 +209,24 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="vLLM extension")
+    tools: list[Any] | None = Field(None, description="not supported yet: only absent or empty")
+    tool_choice: Any = Field(None, description='not supported yet: only absent or "none"')
+    functions: list[Any] | None = Field(None, description="not supported (deprecated by OpenAI too)")
+    function_call: Any = Field(None, description="not supported (deprecated by OpenAI too)")
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list | None) -> list | None:
+        if value:
+            raise ValueError("tool calling is not supported yet; the model would answer as if no tools were given")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise ValueError('tool calling is not supported yet: only "none"')
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -222,7 +280,7 @@ class ChatCompletionResponse(BaseModel):
 
 # --- /generate (plain JSON, no OpenAI envelope) -----------------------------------------------------------------------
 class GenerateRequest(SamplingFields):
-    prompt: str
+    prompt: Text
     max_tokens: int | None = Field(128, ge=1, le=MAX_TOKENS_LIMIT)
     n: int = Field(1, ge=1, le=1)
     stream: Literal[False] = False  # use /v1/completions to stream
@@ -269,9 +327,11 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+        self.code = code if code is not None else status
 
 
 def error_body(

@@ -141,7 +141,7 @@ def sse_response(
                 yield sse(c)
             yield sse("[DONE]")
         except APIError as e:  # headers are gone; an error event is what OpenAI clients understand mid-stream
-            yield sse(error_body(e.message, e.type, e.param, e.status))
+            yield sse(error_body(e.message, e.type, e.param, e.code))
             yield sse("[DONE]")
         finally:
             watcher.cancel()
