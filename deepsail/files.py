@@ -11,11 +11,13 @@ manifests all use these helpers, so there is one place that knows how.
 
 Temporary names are hidden siblings (`.name.tmp-<pid>`) on the same filesystem, so the rename never copies. A
 writer that fails part way (an exception, Ctrl-C) removes its temporary; one killed outright leaves it behind, and
-`remove_debris` clears such leftovers.
+`remove_debris` clears such leftovers. A write that fails because the disk is full raises `DiskFull` (after the
+partial files are gone), whichever library was writing: safetensors and torch.save do not say ENOSPC themselves.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,6 +27,40 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+_FULL = 1 << 20  # a write that fails with less than this free has failed for lack of space
+
+
+class DiskFull(OSError):
+    """No space left on the device; the writer removed its partial files before raising this."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    if isinstance(e, DiskFull) or not isinstance(e, Exception):
+        return False
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e):
+        return True
+    try:  # torch.save reports a full disk as "unexpected pos 576 vs 534"
+        return shutil.disk_usage(folder).free < _FULL
+    except OSError:
+        return False
+
+
+def _fail(e: BaseException, tmp: Path, path: Path) -> None:
+    """Remove the temporary; turn a full disk, however the writing library said it, into DiskFull."""
+    full = _disk_full(e, path.parent)
+    remove(tmp)
+    if full:
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFull(
+            f"no space left on the device writing {path} ({free / 2**20:.1f} MiB free once the partial files were "
+            "removed; nothing half-written was left)"
+        ) from e
 
 
 def temp_sibling(path: Path) -> Path:
@@ -73,8 +109,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, path)
-    except BaseException:
-        remove(tmp)
+    except BaseException as e:
+        _fail(e, tmp, path)
         raise
 
 
@@ -122,10 +158,25 @@ def atomic_dir(path: str | os.PathLike, carry: Callable[[str], bool] | None = No
             remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
-        remove(tmp)
+    except BaseException as e:
+        _fail(e, tmp, path)
         raise
     fsync_dir(path.parent)
+
+
+def check_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`path` may become a folder: a file standing there is a clear error now, not a traceback half way through."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
+    return path
+
+
+def ensure_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create `path` as a folder (see `check_folder`)."""
+    path = check_folder(path, flag)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def is_debris(name: str) -> bool:

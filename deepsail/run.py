@@ -20,6 +20,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from deepsail.files import ensure_folder
 from deepsail.flags import Options, options
 from deepsail.train.config import TrainConfig
 
@@ -99,7 +100,7 @@ def run(
     if minutes is None:
         raise ValueError("--minutes is the run's length; pass a positive number")
     model_config = ModelConfig.preset(preset)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(run_dir)
     started = time.time()
 
     console.rule("[bold]1/5 tokenizer")

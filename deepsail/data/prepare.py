@@ -41,7 +41,7 @@ from deepsail.data.corpus import (
 )
 from deepsail.data.loader import MANIFEST
 from deepsail.data.tokenizer import Tokenizer
-from deepsail.files import atomic_write_json, publish, remove, remove_debris, temp_sibling
+from deepsail.files import atomic_write_json, check_folder, ensure_folder, publish, remove, remove_debris, temp_sibling
 
 FORMAT = "deepsail.tokens.v1"
 SPLITS = ("train", "val")
@@ -144,6 +144,7 @@ def prepare(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    check_folder(out)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     if tok.eos_id is None:
         raise ValueError(
@@ -167,8 +168,7 @@ def prepare(
         tagged = [(s, d) for s in SPLITS for d in corpus[s]]
         total_docs = len(tagged)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_folder(out)
     for old in [out / MANIFEST, *out.glob("train_*.bin"), *out.glob("val_*.bin")]:
         old.unlink(missing_ok=True)
     remove_debris(out)
