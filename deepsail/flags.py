@@ -102,7 +102,7 @@ def options(**groups: Options) -> Callable[[Callable[..., Any]], Callable[..., A
 
         @functools.wraps(fn)
         def verb(*args: Any, **kwargs: Any) -> Any:
-            given = _given(kwargs)
+            given = _given(kwargs.pop(_CTX, None), kwargs)
             built = {}
             for group_name, plan in plans.items():
                 values = dict(groups[group_name].fixed)
@@ -116,23 +116,22 @@ def options(**groups: Options) -> Callable[[Callable[..., Any]], Callable[..., A
                 kwargs["given"] = given
             return fn(*args, **kwargs, **built)
 
-        verb.__signature__ = sig.replace(parameters=own + generated)  # type: ignore[attr-defined]
-        verb.__annotations__ = {p.name: p.annotation for p in own + generated}
+        # typer hands the click context to a parameter annotated typer.Context: it says which flags were typed
+        ctx = [inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)]
+        params = own + ctx + generated
+        verb.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        verb.__annotations__ = {p.name: p.annotation for p in params}
         return verb
 
     return wrap
 
 
-def _given(kwargs: dict[str, Any]) -> frozenset[str]:
-    """Parameters set explicitly: from the command line or environment under click, else those passed in Python."""
-    import click
-    from click.core import ParameterSource
+_CTX = "_typer_context"
 
-    ctx = click.get_current_context(silent=True)
+
+def _given(ctx: Any, kwargs: dict[str, Any]) -> frozenset[str]:
+    """Parameters set explicitly: on the command line or by environment variable, else those passed in Python."""
     if ctx is None:
         return frozenset(kwargs)
-    return frozenset(
-        name
-        for name in kwargs
-        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
-    )
+    sources = {name: ctx.get_parameter_source(name) for name in kwargs}
+    return frozenset(n for n, s in sources.items() if s is not None and s.name not in ("DEFAULT", "DEFAULT_MAP"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -347,8 +348,16 @@ def test_pretrain_run_writes_metrics_plot_and_checkpoints(data_dir, tmp_path):
     with pytest.raises(ValueError, match="--resume"):  # never silently overwrite a run
         pretrain(run_config(data_dir, out, steps=24))
     # `deepsail pretrain --resume --steps 30`: the saved config is the base, only the flags given change.
-    longer = pretrain_command(out=str(out), resume=True, steps=30)
-    assert longer.step == 30 and json.loads((out / "run_config.json").read_text())["train"]["batch_size"] == 4
+    # Through the real CLI, so "given" comes from what was typed: data, batch size... stay as saved.
+    from deepsail.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--out", str(out), "--resume", "--steps", "30"])
+    assert result.exit_code == 0, result.output
+    resolved = json.loads((out / "run_config.json").read_text())["train"]
+    assert resolved["steps"] == 30 and resolved["batch_size"] == 4 and resolved["data"] == str(data_dir)
+    assert json.loads((out / "summary.json").read_text())["step"] == 30
+    # and from Python, the keywords passed are the ones that change
+    assert pretrain_command(out=str(out), resume=True, steps=33).step == 33
 
 
 class TickingClock:
@@ -479,3 +488,162 @@ def test_pretrain_cli_explains_missing_data(tmp_path):
 
     result = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and "manifest.json" in result.output
+
+
+# --- damaged checkpoints and full disks --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory) -> Path:
+    """12 steps, checkpoints at 4, 8 and 12: the reference the damaged copies are resumed against."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    pretrain(run_config(data_dir, out, steps=12, ckpt_every=4, keep_last=3, eval_every=0))
+    return out
+
+
+def _damage(checkpoint: Path, how: str) -> str:
+    if how == "truncated-weights":
+        f = checkpoint / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return "model.safetensors"
+    if how == "truncated-optimizer":
+        f = checkpoint / "optimizer.pt"
+        f.write_bytes(f.read_bytes()[:1000])
+        return "optimizer.pt"
+    if how == "garbage-state":
+        f = checkpoint / "state.pt"
+        f.write_bytes(b"\x00" * f.stat().st_size)  # same size: only the hash can tell
+        return "state.pt"
+    if how == "garbage-trainer-state":
+        (checkpoint / "trainer_state.json").write_text("{not json")
+        return "trainer_state.json"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated-weights", "truncated-optimizer", "garbage-state", "garbage-trainer-state"])
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(finished_run, tmp_path, how):
+    import io
+
+    from rich.console import Console
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    bad_file = _damage(run / "checkpoints" / "step_000012", how)
+    log = io.StringIO()
+    saved = TrainConfig.from_dict(json.loads((run / "run_config.json").read_text())["train"])
+    result = pretrain(saved.replace(out=str(run)), resume=True, console=Console(file=log, width=300))
+    said = log.getvalue()
+    assert "step_000012" in said and bad_file in said and "resuming from step_000008" in said, said
+    # steps 9..12 again, from the good checkpoint: the same weights as the run that was never damaged
+    assert result.step == 12
+    a = load_file(finished_run / "checkpoints" / "step_000012" / "model.safetensors")
+    b = load_file(run / "checkpoints" / "step_000012" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_every_checkpoint_damaged_says_why(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for step, how in (("000004", "garbage-state"), ("000008", "truncated-weights"), ("000012", "truncated-optimizer")):
+        _damage(run / "checkpoints" / f"step_{step}", how)
+    from deepsail.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--out", str(run), "--resume"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.startswith("error: --resume: no checkpoint") and "\n" not in line
+    for name in ("state.pt", "model.safetensors", "optimizer.pt"):
+        assert name in line, line
+
+
+def test_a_full_disk_is_reported_however_the_writer_says_it(tmp_path, monkeypatch):
+    """safetensors says "No space left" in its own exception type, torch.save "unexpected pos 576 vs 534": the
+    atomic writer names a full disk either way, and leaves nothing partial behind."""
+    import errno
+    import shutil as sh
+
+    from deepsail.files import DiskFull, atomic_dir, atomic_path
+
+    def writes_half_then(error):
+        def write(target: Path) -> None:
+            target.write_bytes(b"x" * 1000)
+            raise error
+
+        return write
+
+    for error, free in (
+        (OSError(errno.ENOSPC, "No space left on device"), 10 << 30),
+        (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), 10 << 30),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 4096),
+    ):
+        monkeypatch.setattr(sh, "disk_usage", lambda _, free=free: sh._ntuple_diskusage(1 << 30, 0, free))
+        with pytest.raises(DiskFull, match="no space left on the device writing"):
+            with atomic_path(tmp_path / "f.bin") as tmp:
+                writes_half_then(error)(tmp)
+        with pytest.raises(DiskFull):
+            with atomic_dir(tmp_path / "folder") as tmp:
+                writes_half_then(error)(tmp / "inner.bin")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    # an ordinary failure with space left is not a full disk
+    monkeypatch.setattr(sh, "disk_usage", lambda _: sh._ntuple_diskusage(1 << 30, 0, 1 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with atomic_path(tmp_path / "f.bin") as tmp:
+            writes_half_then(RuntimeError("unexpected pos 1 vs 2"))(tmp)
+
+
+FULL_DISK = r"""
+import json, subprocess, sys
+from pathlib import Path
+mnt, cfg, size, out = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+cmd = [sys.executable, "-c", "from deepsail.cli import app; app()", "pretrain"]
+flag = lambda k, v: (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
+flags = [flag(k.replace("_", "-"), v) for k, v in cfg.items()]
+first = subprocess.run(cmd + flags, capture_output=True, text=True)
+ckpts = sorted(p.name for p in (mnt / "run" / "checkpoints").iterdir())
+subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True)  # space freed
+second = subprocess.run(cmd + ["--out", str(mnt / "run"), "--resume"], capture_output=True, text=True)
+final = mnt / "run" / "checkpoints" / (mnt / "run" / "checkpoints" / "latest").read_text().strip()
+(out / "model.safetensors").write_bytes((final / "model.safetensors").read_bytes())
+report = {"first": [first.returncode, first.stderr], "ckpts": ckpts, "final": final.name,
+          "second": [second.returncode, second.stderr[-3000:]]}
+(out / "report.json").write_text(json.dumps(report))
+"""
+
+
+def test_a_full_disk_mid_run_ends_in_one_line_and_resumes_exactly(data_dir, tmp_path):
+    """A real full disk: a tmpfs with room for a few checkpoints, in a private mount namespace (no root needed where
+    user namespaces are allowed). The run ends with one line naming the last good checkpoint and leaves no partial
+    files; with space again, --resume finishes with the weights of a run that never hit the wall."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("this machine allows no private mount namespace (unshare -rm)")
+    settings = dict(steps=12, ckpt_every=2, keep_last=20, eval_every=0, log_every=2)
+    reference = tmp_path / "reference"
+    pretrain(run_config(data_dir, reference, **settings))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = run_config(data_dir, mnt / "run", **settings).to_dict()
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    ckpt_bytes = sum(f.stat().st_size for f in (reference / "checkpoints" / "step_000002").iterdir())
+    size = int(2.5 * ckpt_bytes) + (1 << 20)  # a few checkpoints fit, then the disk is full
+    proc = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-c", FULL_DISK, str(mnt), json.dumps(cfg), str(size), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    code, stderr = report["first"]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("error: no space left on the device") and "last good checkpoint is" in lines[0]
+    steps = [c for c in report["ckpts"] if c != "latest"]
+    # nothing partial left: only complete checkpoints and the pointer, which names the newest of them
+    assert "latest" in report["ckpts"] and all(c.startswith("step_") for c in steps), report["ckpts"]
+    last_good = lines[0].split("last good checkpoint is ")[1].split(":")[0]
+    assert last_good.endswith(steps[-1]) and 1 <= len(steps) < 6, (last_good, steps)  # and it did stop early
+    assert report["second"][0] == 0, report["second"][1]
+    a = load_file(reference / "checkpoints" / "step_000012" / "model.safetensors")
+    b = load_file(tmp_path / "model.safetensors")
+    assert report["final"] == "step_000012" and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,6 +22,7 @@ A run directory after training:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import random
 import time
@@ -36,12 +37,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from deepsail.files import atomic_write_json
+from deepsail.files import DiskFull, atomic_write_json
 from deepsail.parallel import parallelize
 from deepsail.precision import resolve_device, resolve_precision
 from deepsail.train.allocator import keep_freed_memory
 from deepsail.train.amp import autocast, make_scaler
-from deepsail.train.checkpoint import discard_newer, latest_checkpoint, load_checkpoint, save_checkpoint
+from deepsail.train.checkpoint import (
+    discard_newer,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from deepsail.train.config import TrainConfig
 from deepsail.train.metrics import MetricsLogger, peak_flops
 from deepsail.train.optim import build_optimizer, decay_progress, lr_at
@@ -151,20 +159,52 @@ def run_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
     return min(1.0, max(fractions))
 
 
-def check_resumable(cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint a run continues from (None for a fresh run); refuses to overwrite a run silently."""
-    ckpt_root = Path(cfg.out) / "checkpoints"
-    latest = latest_checkpoint(ckpt_root)
-    if resume and latest is None:
+def check_resumable(cfg: TrainConfig, resume: bool, console: Console | None = None) -> Path | None:
+    """The checkpoint a run continues from (None for a fresh run): the newest that verifies, saying which ones were
+    passed over and why. Refuses to overwrite a run silently, or to write into a file."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a run folder; choose another --out.")
+    ckpt_root = out / "checkpoints"
+    found = (ckpt_root / "latest").is_file() or bool(list_checkpoints(ckpt_root))
+    if not resume:
+        if found:
+            raise ValueError(
+                f"{out} already holds a run with checkpoints; pass --resume to continue it, or choose a new --out."
+            )
+        return None
+    if not found:
         raise ValueError(f"--resume: no checkpoint under {ckpt_root}; run without --resume to start training.")
-    if not resume and latest is not None:
-        raise ValueError(
-            f"{cfg.out} already holds a run with checkpoints; pass --resume to continue it, or choose a new --out."
+    start, notes = resumable_checkpoint(ckpt_root)
+    if start is None:
+        raise ValueError(f"--resume: no checkpoint under {ckpt_root} is whole: " + "; ".join(notes))
+    if notes:
+        (console or Console(stderr=True)).print(
+            f"[yellow]passing over damaged checkpoints ({'; '.join(notes)}): resuming from {start.name}; training "
+            "replaces the damaged ones as it passes them again.[/]"
         )
-    return latest
+    return start
 
 
-def train_loop(
+def train_loop(model: nn.Module, batches: Any, loss_fn: LossFn, cfg: TrainConfig, **kwargs: Any) -> TrainResult:
+    """Train `model` on `batches` (an endless iterator with `state_dict`/`load_state_dict`, already on the device)
+    until `cfg.steps` or `cfg.minutes` runs out; with `resume_from` (a checkpoint whose weights the caller has
+    loaded into `model`), continue exactly where it left off. Keyword arguments: see `_train_loop`.
+
+    A full disk, met by any writer of the run, ends it with one line naming the last good checkpoint."""
+    try:
+        return _train_loop(model, batches, loss_fn, cfg, **kwargs)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        latest = latest_checkpoint(Path(cfg.out) / "checkpoints")
+        raise DiskFull(
+            f"{e if isinstance(e, DiskFull) else f'no space left on the device ({e.filename or e})'}. The last good "
+            f"checkpoint is {latest or 'none yet'}: free some space, then continue with --out {cfg.out} --resume."
+        ) from e
+
+
+def _train_loop(
     model: nn.Module,
     batches: Any,
     loss_fn: LossFn,
@@ -179,9 +219,8 @@ def train_loop(
     console: Console | None = None,
     name: str = "train",
 ) -> TrainResult:
-    """Train `model` on `batches` (an endless iterator with `state_dict`/`load_state_dict`, already on the device)
-    until `cfg.steps` or `cfg.minutes` runs out; with `resume_from` (a checkpoint whose weights the caller has
-    loaded into `model`), continue exactly where it left off."""
+    """`evaluate(model)` -> val metrics; `tokens_per_batch(micro_batch)` -> tokens for tok/s and MFU; `tokenizer`
+    is saved into every checkpoint; `run_info` joins run_config.json; `name` labels the progress bar."""
     console = console or Console()
     cfg.validate()
     device = resolve_device(cfg.device)

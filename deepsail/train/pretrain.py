@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -22,7 +23,7 @@ from deepsail.flags import Options, options
 from deepsail.model import IGNORE_INDEX, ModelConfig, Transformer, from_pretrained
 from deepsail.precision import resolve_device, resolve_precision
 from deepsail.train.amp import autocast
-from deepsail.train.checkpoint import read_trainer_state
+from deepsail.train.checkpoint import read_trainer_state, resumable_checkpoint
 from deepsail.train.config import TrainConfig
 from deepsail.train.loop import TrainResult, check_resumable, seed_everything, train_loop
 
@@ -110,7 +111,7 @@ def pretrain(
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    start = check_resumable(cfg, resume)
+    start = check_resumable(cfg, resume, console)
     if not cfg.data:
         raise ValueError("no training data: pass --data DIR, a folder made by `deepsail data prepare`.")
     tokenizer = data_tokenizer(cfg.data, cfg.tokenizer)
@@ -194,7 +195,9 @@ def pretrain_command(
             cfg = cfg.replace(steps=None)  # a time budget alone: no step limit
         return pretrain(cfg)
     # Resume: the saved config is the base; only the flags given on this command line change it.
-    ckpt = check_resumable(cfg, resume=True)
+    ckpt, _ = resumable_checkpoint(Path(cfg.out) / "checkpoints")
+    if ckpt is None:
+        return pretrain(cfg, resume=True)  # which explains why there is nothing to resume
     state = read_trainer_state(ckpt)
     if "train_config" not in state:
         raise ValueError(
