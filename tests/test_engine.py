@@ -186,3 +186,29 @@ def test_default_budget_fits_a_full_length_request_of_partial_blocks():
     handle = engine.submit(list(range(1, 11)), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
     engine.run_until_idle()
     assert len(handle.result(timeout=10)[1]) == 10
+
+
+def test_prompt_logprobs_are_the_models_own_through_chunked_prefill_and_batching():
+    """prompt_logprobs (what echo + logprobs serves) in the engine: a 40-token prompt prefilled 16 tokens a step,
+    batched with another request, scores every prompt token as the full forward does."""
+    from deepsail.infer.engine import Engine, EngineConfig, SamplingParams
+    from deepsail.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("deepseek-v3-debug")).eval()
+    engine = Engine(model, None, EngineConfig(max_batch_size=4, max_num_batched_tokens=16))
+    prompt = [int(t) for t in torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1))]
+    scored = engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    other = engine.submit(list(range(100, 130)), SamplingParams(max_tokens=5, temperature=0))
+    engine.run_until_idle()
+    first = scored._events[0]
+    assert first.prompt_logprobs[0] is None and len(first.prompt_logprobs) == len(prompt)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    for i in range(1, len(prompt)):
+        lp, top = first.prompt_logprobs[i]
+        assert abs(lp - ref[i - 1, prompt[i]].item()) < 1e-4, i
+        want = ref[i - 1].topk(3)
+        assert [t for t, _ in top] == want.indices.tolist()
+    assert other._events[0].prompt_logprobs is None  # only requests that ask pay for it
+    assert len(scored.result(1)[1]) == 2 and len(other.result(1)[1]) == 5 and engine.allocator.num_used == 0

@@ -149,11 +149,8 @@ def verify_checkpoint(path: Path) -> str | None:
 def resumable_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint under root that verifies: the one `latest` names, else the newest older one that is
     whole. Also a note per checkpoint passed over, saying why."""
-    candidates: list[Path] = []
-    pointer = root / LATEST
-    if pointer.is_file():
-        candidates.append(root / pointer.read_text().strip())
-    candidates += [p for p in reversed(list_checkpoints(root)) if p not in candidates]
+    named = pointed_to(root)
+    candidates = ([named] if named else []) + [p for p in reversed(list_checkpoints(root)) if p != named]
     notes = []
     for path in candidates:
         problem = verify_checkpoint(path) if path.is_dir() else "it does not exist"
@@ -171,14 +168,20 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def pointed_to(root: Path) -> Path | None:
+    """The folder `root/latest` names (whether or not it exists), None without a pointer: the one reader of it."""
+    pointer = root / LATEST
+    return root / pointer.read_text().strip() if pointer.is_file() else None
+
+
 def latest_checkpoint(root: Path, need: str = "trainer_state.json") -> Path | None:
-    """The checkpoint `root/latest` names, or None if there is none yet. The one reader of the pointer.
+    """The checkpoint `root/latest` names, or None if there is none yet.
 
     `need` is the file that makes it usable: the trainer state to resume from, or config.json to load the model."""
-    pointer = root / LATEST
-    if not pointer.is_file():
+    path = pointed_to(root)
+    if path is None:
         return None
-    path = root / pointer.read_text().strip()
+    pointer = root / LATEST
     if not (path / need).is_file():
         raise ValueError(
             f"{pointer} names {path.name}, which is missing or incomplete; point it at one of "

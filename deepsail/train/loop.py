@@ -47,6 +47,7 @@ from deepsail.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    pointed_to,
     resumable_checkpoint,
     save_checkpoint,
 )
@@ -166,7 +167,7 @@ def check_resumable(cfg: TrainConfig, resume: bool, console: Console | None = No
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a run folder; choose another --out.")
     ckpt_root = out / "checkpoints"
-    found = (ckpt_root / "latest").is_file() or bool(list_checkpoints(ckpt_root))
+    found = pointed_to(ckpt_root) is not None or bool(list_checkpoints(ckpt_root))
     if not resume:
         if found:
             raise ValueError(
