@@ -8,8 +8,8 @@ An ordinary client sends a 16-token completion, alone and then while these run a
 - half-open connections: connected, half a request line, then silence.
 Printed: the ordinary request's latency alone and under attack (median of 5, and the ratio), what each attacker
 got back and after how long, the server's RSS before and after, and how long tokenizing one 7 MB prompt takes
-here (the work the server must not do for a prompt that cannot fit). Pass: the ordinary request stays within
-3x of its latency alone, every attacker is answered (or cut off) within the server's timeouts, RSS returns to
+here (the work the server must not do for a prompt that cannot fit). Pass: the ordinary request (each of the 5) stays
+within 3x of its median latency alone, every attacker is answered (or cut off) within the server's timeouts, RSS returns to
 within 50 MB of where it was.
 """
 
@@ -113,7 +113,7 @@ def main() -> None:
     for what, seconds in attackers:
         print(f"  attacker: {what!r:<40} after {seconds:6.2f} s")
     print(f"server RSS: {before:.0f} MB before the attack, {after:.0f} MB after")
-    ok = u / a < 3 and all("nothing" not in w for w, _ in attackers) and after - before < 50
+    ok = max(under) / a < 3 and all("nothing" not in w for w, _ in attackers) and after - before < 50
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
