@@ -8,9 +8,9 @@ An ordinary client sends a 16-token completion, alone and then while these run a
 - half-open connections: connected, half a request line, then silence.
 Printed: the ordinary request's latency alone and under attack (median of 5, and the ratio), what each attacker
 got back and after how long, the server's RSS before and after, and how long tokenizing one 7 MB prompt takes
-here (the work the server must not do for a prompt that cannot fit). Pass: the ordinary request (each of the 5) stays
-within 3x of its median latency alone, every attacker is answered (or cut off) within the server's timeouts, RSS returns to
-within 50 MB of where it was.
+here (the work the server must not do for a prompt that cannot fit). Pass: each of the 5 ordinary requests stays
+within 3x of the median latency alone, every attacker is answered (or cut off) within the server's timeouts, and
+RSS returns to within 50 MB of where it was.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from deepsail.cli import app
-from deepsail.data import Tokenizer, default_corpus
-from deepsail.model import ModelConfig, Transformer
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def good_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("good")
-    torch.manual_seed(0)
-    Transformer(ModelConfig.preset("deepseek-v3-debug")).save_pretrained(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        Tokenizer.train([d.text for d in default_corpus("train", max_bytes=50_000)], vocab_size=512).save(folder)
-    return folder
+def good_model(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def _broken(good: Path, root: Path, name: str) -> Path:

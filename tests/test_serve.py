@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -26,8 +25,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from deepsail.cli import app as cli_app
-from deepsail.data import Tokenizer, default_corpus
-from deepsail.model import ModelConfig, Transformer
+from deepsail.data import Tokenizer
 from deepsail.serve import ServerConfig, create_app, load_served
 from deepsail.serve.app import uvicorn_config
 
@@ -45,14 +43,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    Transformer(ModelConfig.preset("deepseek-v3-debug")).save_pretrained(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "ran out of pairs to merge" on this little text is fine
-        Tokenizer.train([d.text for d in default_corpus("train", max_bytes=100_000)], vocab_size=512).save(folder)
-    return folder
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 class Live:
@@ -718,30 +710,31 @@ def test_property_no_body_gets_a_5xx_or_an_unhelpful_400(model_dir):
             {k: one(k) for k in required}, optional={k: one(k) for k in fields[path] if k not in required}
         )
 
+    def post(http: httpx.Client, path: str, body: dict) -> None:
+        raw = json.dumps(body, allow_nan=True)  # NaN/Infinity literals and \\ud800 escapes included
+        r = http.post(path, content=raw, headers={"content-type": "application/json"})
+        if r.status_code >= 500 or r.status_code not in (200, 400, 404, 413, 429):
+            problems.append(f"{path} {r.status_code}: {raw[:200]} -> {r.text[:200]}")
+        elif r.status_code != 200:
+            err = r.json().get("error", {})
+            param = (err.get("param") or "").split(".")[0]
+            if not err.get("message") or (param and param not in body):
+                problems.append(f"{path} {r.status_code} unhelpful: {raw[:200]} -> {err}")
+
+    def checker(http: httpx.Client, path: str):
+        @settings(
+            max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
+        @given(body=body_for(path))
+        def check(body: dict) -> None:
+            post(http, path, body)
+
+        return check
+
     try:
         with httpx.Client(base_url=live.url, timeout=30) as http:
             for path in fields:
-
-                @settings(
-                    max_examples=60,
-                    deadline=None,
-                    database=None,
-                    derandomize=True,
-                    suppress_health_check=list(HealthCheck),
-                )
-                @given(body=body_for(path))
-                def check(body: dict, path: str = path) -> None:
-                    raw = json.dumps(body, allow_nan=True)  # NaN/Infinity literals and \\ud800 escapes included
-                    r = http.post(path, content=raw, headers={"content-type": "application/json"})
-                    if r.status_code >= 500 or r.status_code not in (200, 400, 404, 413, 429):
-                        problems.append(f"{path} {r.status_code}: {raw[:200]} -> {r.text[:200]}")
-                    elif r.status_code != 200:
-                        err = r.json().get("error", {})
-                        param = (err.get("param") or "").split(".")[0]
-                        if not err.get("message") or (param and param not in body):
-                            problems.append(f"{path} {r.status_code} unhelpful: {raw[:200]} -> {err}")
-
-                check()
+                checker(http, path)()
         assert not problems, "\n".join(problems[:10])
         assert live.engine.stats()["kv_blocks_used"] == 0
     finally:

@@ -172,14 +172,22 @@ async def _respond(
     request: Request,
     req: P.SamplingFields,
     streams: ChoiceStreams,
+    head: dict[str, Any],
+    prompt_tokens: int,
     chunks: Callable[[int, Any], list[dict]],
-    usage_chunk: Callable[[], dict],
     body: Callable[[list[list[Any]]], Any],
 ) -> Any:
-    """The one stream / collect path: SSE of `chunks` (+ the usage chunk when asked), or `body` of all events."""
+    """The one stream / collect path: SSE of `chunks` (then, when asked, a usage chunk under the same `head`: id,
+    object, created, model), or `body` of all events."""
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(request, streams, chunks, lambda: [usage_chunk()] if include_usage else [])
+
+        def tail() -> list[dict]:
+            return (
+                [head | {"choices": [], "usage": usage(prompt_tokens, streams).model_dump()}] if include_usage else []
+            )
+
+        return sse_response(request, streams, chunks, tail)
     per_choice, connected = await collect(request, streams)
     if not connected:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -277,14 +285,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
             ]
             return P.CompletionResponse(**head, choices=choices, usage=usage(prompt_tokens, streams))
 
-        return await _respond(
-            request,
-            req,
-            streams,
-            chunks,
-            lambda: head | {"choices": [], "usage": usage(prompt_tokens, streams).model_dump()},
-            body,
-        )
+        return await _respond(request, req, streams, head, prompt_tokens, chunks, body)
 
     @app.post("/v1/chat/completions", dependencies=protected, response_model=P.ChatCompletionResponse, responses=errors)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
@@ -383,14 +384,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 usage=usage(len(ids), streams),
             )
 
-        return await _respond(
-            request,
-            req,
-            streams,
-            chunks,
-            lambda: head | {"choices": [], "usage": usage(len(ids), streams).model_dump()},
-            body,
-        )
+        return await _respond(request, req, streams, head, len(ids), chunks, body)
 
     @app.post("/generate", dependencies=protected, response_model=P.GenerateResponse, responses=errors)
     async def generate(req: P.GenerateRequest, request: Request) -> Any:
@@ -411,4 +405,4 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 text="".join(ev.text for ev in evs), finish_reason=finish_reason(evs), usage=usage(len(ids), streams)
             )
 
-        return await _respond(request, req, streams, lambda i, ev: [], lambda: {}, body)
+        return await _respond(request, req, streams, {}, len(ids), lambda i, ev: [], body)
