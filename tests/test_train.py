@@ -647,3 +647,14 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resumes_exactly(data_dir, tmp_
     a = load_file(reference / "checkpoints" / "step_000012" / "model.safetensors")
     b = load_file(tmp_path / "model.safetensors")
     assert report["final"] == "step_000012" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_peak_flops_keeps_the_best_measurement(tmp_path, monkeypatch):
+    """A peak measured while the machine was busy must not stick: MFU is against the best seen on this machine."""
+    import deepsail.train.metrics as metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for measured, want in ((2e11, 2e11), (3.5e11, 3.5e11), (1e11, 3.5e11)):  # busy, quiet, busy again
+        monkeypatch.setattr(metrics, "_measure_once", lambda device, dtype, m=measured: m)
+        assert metrics.peak_flops(CPU, "bf16")[0] == want
+    assert max(json.loads((tmp_path / "deepsail" / "peak_flops.json").read_text()).values()) == 3.5e11
