@@ -858,6 +858,7 @@ def test_sigterm_drains_in_flight_requests_within_the_bound(model_dir):
     assert cut, "every long request finished: the bound was never reached, so this test measured nothing"
     # the bound held: shut down after the drain timeout, not after the ~3,000 tokens of queued work
     assert drain - 0.2 <= exited_after <= drain + 4.0, (exited_after, out[-2000:])
+    print(f"exited {exited_after:.2f} s after SIGTERM (drain {drain} s); cut off: {len(cut)} of 6 queued requests")
     assert "Application shutdown complete" in out, out
 
 
