@@ -3,9 +3,12 @@
 import deepsail as ds
 model = ds.Transformer(layers=12, heads=16)       # a DeepSeek-V3-shaped model from a few numbers
 model = ds.from_pretrained("path/to/hf-dir")      # DeepSeek-V3/V2, Qwen2, Llama checkpoints
+model = ds.from_pretrained("base", adapter="adapters/finance")  # + a LoRA adapter in peft's format
+model.save_adapter("adapters/finance")            # after deepsail.tune.apply_lora
 """
 
-from deepsail.model import KVCache, ModelConfig, ModelOutput, Transformer, from_pretrained
+from deepsail.model import KVCache, ModelConfig, ModelOutput, Transformer
+from deepsail.tune.lora import from_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["KVCache", "ModelConfig", "ModelOutput", "Transformer", "from_pretrained", "__version__"]

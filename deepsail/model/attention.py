@@ -120,9 +120,10 @@ class MultiHeadLatentAttention(nn.Module):
             )[..., : self.v_dim]
         else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
             latent = ctx.cache.pool.k[self.layer_idx][ctx.read_slots].to(q.dtype)  # [B, L, r + rope]
-            w_kv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r).to(q.dtype)
+            w = self.kv_b_proj.effective_weight()  # [H·(nope+v), r], or [B, H·(nope+v), r] with per-row adapters
+            w_kv_b = w.view(*w.shape[:-2], H, self.nope_dim + self.v_dim, r).to(q.dtype)
             # matmul broadcasting over heads rather than einsum: same bmm, without einsum's per-call planning
-            q_latent = q_nope @ w_kv_b[:, : self.nope_dim]  # [B, H, T, r]
+            q_latent = q_nope @ w_kv_b[..., : self.nope_dim, :]  # [B, H, T, r]
             query = torch.cat((q_latent, q_rope), dim=-1)
             key = latent[:, None]
             # Values are the latents c_kv: pass the whole cache row as value (same head dim as the key, so the fused
@@ -130,5 +131,5 @@ class MultiHeadLatentAttention(nn.Module):
             out_latent = F.scaled_dot_product_attention(
                 query, key, key, attn_mask=ctx.mask, scale=self.scale, enable_gqa=True
             )[..., :r]
-            out = out_latent @ w_kv_b[:, self.nope_dim :].transpose(1, 2)  # [B, H, T, v]
+            out = out_latent @ w_kv_b[..., self.nope_dim :, :].transpose(-1, -2)  # [B, H, T, v]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -221,7 +221,7 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 # --- names ---------------------------------------------------------------------------------------------------------
-def _native_to_hf(config: ModelConfig, name: str) -> str:
+def native_to_hf(config: ModelConfig, name: str) -> str:
     L = config.num_hidden_layers
     m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
     if m:
@@ -233,7 +233,7 @@ def _native_to_hf(config: ModelConfig, name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def _hf_to_native(config: ModelConfig, name: str) -> str | None:
+def hf_to_native(config: ModelConfig, name: str) -> str | None:
     """None for tensors we deliberately skip (MTP's copies of the shared embedding and head)."""
     if name.startswith("lm_head."):
         return name
@@ -307,7 +307,7 @@ def load_hf_state(
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue  # derived from the config, some old checkpoints stored it
             m = _EXPERT.match(hf_name)
-            native = _hf_to_native(config, m.group(1) if m else hf_name)
+            native = hf_to_native(config, m.group(1) if m else hf_name)
             if native is None:
                 continue
             if saved_dtype is None and tensor.is_floating_point():
@@ -357,8 +357,11 @@ def load_hf_state(
 
 
 # --- save ----------------------------------------------------------------------------------------------------------
-def hf_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under DeepSeek/HF checkpoint names, experts split per expert."""
+def hf_state_dict(
+    model: Any, dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors (or `state`, the same names with other values) under DeepSeek/HF checkpoint names,
+    experts split per expert."""
     config = model.config
     out: dict[str, torch.Tensor] = {}
 
@@ -368,12 +371,12 @@ def hf_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, tor
             t.detach().to(torch.float32 if name.endswith(_KEEP_FP32) else (t.dtype if keep else dtype)).contiguous()
         )
 
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if name.endswith("e_score_correction_bias") and config.topk_method != "noaux_tc":
             continue
-        hf_name = _native_to_hf(config, name)
+        hf_name = native_to_hf(config, name)
         if hf_name.endswith("mlp.experts.gate_up_proj"):
             base, hidden = hf_name.removesuffix(".gate_up_proj"), t.shape[1] // 2
             for e in range(t.shape[0]):
@@ -392,11 +395,18 @@ def hf_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, tor
     return out
 
 
-def save_hf(model: Any, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 << 30) -> Path:
+def save_hf(
+    model: Any,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 << 30,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """config.json + model.safetensors (sharded with an index above `max_shard_bytes`), written atomically: the new
     folder replaces `path` only once complete, keeping the files of an existing `path` that are not weights or
-    config (a tokenizer saved beside them, say)."""
-    tensors = hf_state_dict(model, dtype)
+    config (a tokenizer saved beside them, say). `state` replaces the model's own tensors (a LoRA-adapted model
+    saves its merged weights this way)."""
+    tensors = hf_state_dict(model, dtype, state)
     saved_dtype = dtype or model.embed_tokens.weight.dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -488,7 +498,7 @@ def _tensor_names(path: Path, config: ModelConfig) -> set[str]:
             ) from e
         for hf_name in keys:
             m = _EXPERT.match(hf_name)
-            native = _hf_to_native(config, m.group(1) if m else hf_name)
+            native = hf_to_native(config, m.group(1) if m else hf_name)
             if native is not None:
                 names.add(native)
     return names

@@ -87,6 +87,12 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The [out, in] matrix this layer applies. Code that uses a layer's matrix directly (MLA's absorbed decode
+        folds kv_b_proj into the query) asks for it here, so a layer wrapped from outside (LoRA, one adapter per
+        batch row: [B, out, in]) stays correct."""
+        return self.weight
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""

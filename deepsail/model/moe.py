@@ -78,8 +78,15 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, D]: token copies sorted by expert; counts [E]: how many rows each expert owns."""
-        w_gate_up = self.gate_up_proj.to(x_sorted.dtype)
-        w_down = self.down_proj.to(x_sorted.dtype)
+        return self.run(x_sorted, counts, self.gate_up_proj, self.down_proj)
+
+    @staticmethod
+    def run(
+        x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    ) -> torch.Tensor:
+        """The experts with the given stacked weights (a wrapper from outside, e.g. LoRA, passes adapted ones)."""
+        w_gate_up = w_gate_up.to(x_sorted.dtype)
+        w_down = w_down.to(x_sorted.dtype)
         if _grouped_mm_ok(x_sorted):
             offsets = counts.cumsum(0).to(torch.int32)
             h = F.grouped_mm(x_sorted, w_gate_up.transpose(1, 2), offs=offsets)
