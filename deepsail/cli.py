@@ -12,6 +12,7 @@ from deepsail.infer.cli import chat_command, generate_command
 from deepsail.run import run
 from deepsail.serve.cli import serve_command
 from deepsail.train.pretrain import pretrain_command
+from deepsail.tune.finetune import finetune_command, sft_command
 
 app = typer.Typer(
     name="deepsail",
@@ -34,6 +35,8 @@ data_app.command("prepare")(cli_verb(data_prepare))
 app.add_typer(data_app, name="data")
 
 app.command("pretrain")(cli_verb(pretrain_command))
+app.command("finetune")(cli_verb(finetune_command))
+app.command("sft")(cli_verb(sft_command))
 app.command("generate")(cli_verb(generate_command))
 app.command("chat")(cli_verb(chat_command))
 app.command("serve")(cli_verb(serve_command))

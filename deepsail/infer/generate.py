@@ -63,15 +63,17 @@ def load(
     """(model in eval mode, tokenizer or None) from an HF dir or a run folder (its latest checkpoint). `device` and
     `dtype` take deepsail's words (auto: CUDA in bf16 when there is a GPU, else CPU in fp32)."""
     from deepsail.data.tokenizer import Tokenizer
-    from deepsail.model import from_pretrained
     from deepsail.train.checkpoint import resolve_checkpoint
+    from deepsail.tune.lora import from_pretrained  # a LoRA adapter folder brings its base along
 
     folder = resolve_checkpoint(path)
     device = resolve_device(device)
     dtype = to_dtype(resolve_precision(dtype, device, inference=True))
     model = from_pretrained(folder, dtype=dtype, device=device).eval()
-    tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
-    return model, tokenizer
+    for where in (folder, Path(getattr(model, "name_or_path", folder))):
+        if (where / "tokenizer.json").is_file():
+            return model, Tokenizer.load(where)
+    return model, None
 
 
 def _to_generation(state: DecodeState) -> Generation:

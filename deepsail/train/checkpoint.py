@@ -26,6 +26,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,16 +83,18 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer: Any = None,
     keep_last: int = 3,
+    save_model: Callable[[nn.Module, Path], None] | None = None,
 ) -> Path:
     """Write `root/step_XXXXXX/` atomically, point `root/latest` at it, drop all but the last `keep_last`.
 
     `trainer_state` must hold "step"; it is stored as JSON with whatever else it carries.
-    `loader` needs `state_dict()`; `tokenizer`, if given, needs `save(dir)`.
+    `loader` needs `state_dict()`; `tokenizer`, if given, needs `save(dir)`. `save_model(model, folder)` writes the
+    weights (default `model.save_pretrained`; fine-tuning writes only what it trains, plus the adapter).
     """
     step = int(trainer_state["step"])
     final = root / checkpoint_name(step)
     with atomic_dir(final) as tmp:  # the commit point for the directory...
-        model.save_pretrained(tmp)
+        (save_model or (lambda m, d: m.save_pretrained(d)))(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -193,8 +196,10 @@ def latest_checkpoint(root: Path, need: str = "trainer_state.json") -> Path | No
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model folder as is; a training run folder (or its checkpoints/ folder) -> the checkpoint `latest` names."""
     p = Path(path)
-    if (p / "config.json").is_file():
-        return p
+    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return p  # a model folder, or a LoRA adapter (whose config names its base)
+    if (p / "model" / "config.json").is_file():
+        return p / "model"  # a finished fine-tuning run: its merged model
     for root in (p / "checkpoints", p):
         if (root / LATEST).is_file():
             return latest_checkpoint(root, need="config.json")

@@ -219,9 +219,11 @@ def _train_loop(
     run_info: dict[str, Any] | None = None,
     console: Console | None = None,
     name: str = "train",
+    save_model: Callable[[nn.Module, Path], None] | None = None,
 ) -> TrainResult:
     """`evaluate(model)` -> val metrics; `tokens_per_batch(micro_batch)` -> tokens for tok/s and MFU; `tokenizer`
-    is saved into every checkpoint; `run_info` joins run_config.json; `name` labels the progress bar."""
+    is saved into every checkpoint; `run_info` joins run_config.json; `name` labels the progress bar;
+    `save_model(model, folder)` writes a checkpoint's weights (default: `model.save_pretrained`)."""
     console = console or Console()
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -282,6 +284,7 @@ def _train_loop(
             tokenizer=tokenizer,
             trainer_state={**state, "train_config": cfg.to_dict()},
             keep_last=cfg.keep_last,
+            save_model=save_model,
         )
 
     def run_eval(step: int) -> dict[str, float]:

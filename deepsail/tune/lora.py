@@ -284,7 +284,7 @@ def _bind(model: nn.Module, cfg: LoraConfig) -> None:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter folded in (fp32 math), without the LoRA tensors."""
     layers = lora_layers(model)
-    state = {k: v for k, v in model.state_dict().items() if not _is_lora_param(k)}
+    state = {k: v for k, v in model.state_dict().items() if not is_lora_param(k)}
     for name, layer in layers.items():
         if layer.merged:
             continue
@@ -303,10 +303,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear | LoraExperts]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if _is_lora_param(n)]
+    return [p for n, p in model.named_parameters() if is_lora_param(n)]
 
 
-def _is_lora_param(name: str) -> bool:
+def is_lora_param(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in ("lora_A", "lora_B", "gate_up_A", "gate_up_B", "down_A", "down_B")
 
@@ -379,8 +379,8 @@ def _peft_targets(model: nn.Module) -> list[str] | str:
     return "^(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")$"
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter in peft's layout (atomically): `adapter_config.json` + `adapter_model.safetensors`."""
+def write_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> None:
+    """`adapter_config.json` + `adapter_model.safetensors` into `folder` (one being written: not atomic by itself)."""
     cfg: LoraConfig | None = getattr(model, "lora_config", None)
     if cfg is None or not lora_layers(model):
         raise ValueError("this model has no LoRA adapter to save; apply_lora(model, LoraConfig(...)) first.")
@@ -410,10 +410,14 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "layers_pattern": None,
         "revision": None,
     }
-    tensors = adapter_state(model)
+    (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(adapter_state(model), str(Path(folder) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter in peft's layout, atomically: `adapter_config.json` + `adapter_model.safetensors`."""
     with atomic_dir(path) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_adapter(model, tmp, base_model_name_or_path)
     return Path(path)
 
 

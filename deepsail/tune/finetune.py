@@ -1,0 +1,575 @@
+"""Fine-tuning: `deepsail finetune` (next-token or classification, full / LoRA / staged) and, through the same
+function, `deepsail sft`.
+
+    deepsail finetune runs/base --data domain.jsonl --lora-r 16 --out runs/finance
+    deepsail finetune runs/base --data domain.jsonl --stages stages.json --out runs/staged
+    deepsail finetune runs/base --task classify --out runs/classify        # embedded stdlib-package task
+
+One function, top to bottom: load the base (a run folder, an HF folder, or an adapter folder whose config names
+its base) and its tokenizer; build the examples and their batches; put LoRA on (from outside, `lora.py`) and a task
+head if the task wants one; then for each stage (one implicit stage without --stages) choose what trains
+(`stages.py`) and hand model, batches and loss to the one training loop (`train/loop.py`): checkpoints, exact
+resume, metrics, progress and plots are the loop's. At the end: `RUN/model/` (an HF folder, adapter merged, with
+the tokenizer and the Fisher information a later `--ewc-lambda` run needs), `RUN/adapter/` (peft's format) when
+LoRA was on, and `RUN/report.md`.
+
+Run folder: a single stage trains in RUN itself; stages train in RUN/stages/<k>_<name>/, each a loop run folder.
+A checkpoint holds the weights that have trained so far (`tuned.safetensors`, deepsail names) and the adapter in
+peft's format; a resume rebuilds the model from the base and loads them, so nothing frozen is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deepsail.files import atomic_dir, atomic_write_text
+from deepsail.flags import Options, knob, options
+from deepsail.precision import resolve_device, resolve_precision
+from deepsail.train.config import TrainConfig
+from deepsail.train.loop import TrainResult, check_resumable, seed_everything, train_loop
+from deepsail.tune import lora as L
+from deepsail.tune.stages import Stage, read_stages, select_trainable
+
+TASKS = ("lm", "classify", "sft")
+TUNED = "tuned.safetensors"  # a checkpoint's trained weights, deepsail names
+BASE_FILE = "base.json"
+
+
+@dataclass
+class TuneConfig:
+    """What fine-tuning adds to TrainConfig's knobs."""
+
+    epochs: float = knob(1.0, "Passes over the training data (unless --steps is given; --stages sets its own).")
+    lora_r: int = knob(0, "LoRA rank; 0 = no LoRA: every parameter trains (or what --stages selects).")
+    lora_alpha: float = knob(32.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --lora-rslora).")
+    lora_dropout: float = knob(0.1, "Dropout on the LoRA branch's input.")
+    lora_targets: tuple[str, ...] = knob(
+        L.DEFAULT_TARGETS, "Layers to adapt, by name (peft's rule: the name or its dotted suffix); repeat the flag."
+    )
+    lora_rslora: bool = knob(False, "rsLoRA scaling alpha/sqrt(r).")
+    lora_experts: bool = knob(False, "Also adapt the routed experts' stacked weights.")
+    stages: str = knob(
+        "", 'A stages.json: {"name": {"layers": [-3,-2,-1] | "all" | "lora" | ..., "lr": .., "epochs": ..}}.'
+    )
+    task: str = knob("lm", "lm: next-token loss on the data; classify: a sequence-classification head.")
+    text_field: str = knob("text", "JSONL field holding the text.")
+    labels_field: str = knob("label", "JSONL field holding the class label (--task classify).")
+    labels: tuple[str, ...] = knob((), "The allowed labels (--task classify); default: those in the training data.")
+    val_fraction: float = knob(0.05, "Share of the user's records held out for validation (by a hash of each record).")
+    ewc_lambda: float = knob(
+        0.0, "Elastic weight consolidation strength; needs BASE/fisher.safetensors (see --ewc-batches)."
+    )
+    ewc_batches: int = knob(
+        8, "Batches for the Fisher information saved in RUN/model (for a later --ewc-lambda); 0 = none."
+    )
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r}: choose one of {list(TASKS)}.")
+        if self.lora_r < 0 or not self.epochs > 0 or not 0 < self.val_fraction < 1 or self.ewc_batches < 0:
+            raise ValueError("need --lora-r >= 0, --epochs > 0, 0 < --val-fraction < 1 and --ewc-batches >= 0.")
+        if self.ewc_lambda < 0:
+            raise ValueError(f"--ewc-lambda must be >= 0, got {self.ewc_lambda}.")
+        if len(self.lora_targets) == 1 and "," in self.lora_targets[0]:
+            self.lora_targets = tuple(t.strip() for t in self.lora_targets[0].split(",") if t.strip())
+        if len(self.labels) == 1 and "," in self.labels[0]:
+            self.labels = tuple(t.strip() for t in self.labels[0].split(",") if t.strip())
+
+    def lora(self) -> L.LoraConfig | None:
+        if not self.lora_r:
+            return None
+        return L.LoraConfig(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            targets=self.lora_targets,
+            rslora=self.lora_rslora,
+            experts=self.lora_experts,
+        )
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: str
+    model_dir: str
+    adapter_dir: str | None
+    stages: list[dict[str, Any]]
+    val: dict[str, float]
+    baseline: dict[str, float] | None
+    report: str
+
+
+# --- the base ----------------------------------------------------------------------------------------------------
+def resolve_base(base: str | Path) -> tuple[Path, Any]:
+    """(model folder, its tokenizer). A run folder means its finished model (or latest checkpoint)."""
+    from deepsail.data.tokenizer import Tokenizer
+    from deepsail.train.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(base)
+    candidates = [folder]
+    if L.is_adapter_dir(folder):
+        _, raw = L.read_adapter_config(folder)
+        if raw.get("base_model_name_or_path"):
+            candidates.append(Path(raw["base_model_name_or_path"]))
+    for where in candidates:
+        if (where / "tokenizer.json").is_file():
+            return folder, Tokenizer.load(where)
+    raise ValueError(f"{folder} has no tokenizer.json; fine-tuning needs the tokenizer the base was trained with.")
+
+
+def load_base(folder: Path, device: torch.device) -> nn.Module:
+    """The base model in fp32 master weights (autocast gives bf16 compute), any adapter it carries merged in."""
+    model = L.from_pretrained(folder, dtype="fp32", device=device)
+    if L.lora_layers(model):
+        L.remove_lora(model, merge=True)
+    return model
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+def _split_records(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    from deepsail.data.corpus import split_of
+
+    val = [r for r in records if split_of(json.dumps(r, sort_keys=True), fraction) == "val"]
+    train = [r for r in records if split_of(json.dumps(r, sort_keys=True), fraction) == "train"]
+    if not val:  # a tiny file: hold out one record so validation means something
+        train, val = records[1:], records[:1]
+    if not train:
+        raise ValueError(f"{len(records)} record(s) are too few to hold out a validation split.")
+    return train, val
+
+
+def _records(task: str, data: str, tune: TuneConfig, console: Console) -> tuple[list[dict], list[dict], str]:
+    from deepsail.data.tasks import docstring_chats, module_chunks
+    from deepsail.tune.data import read_jsonl
+
+    if data:
+        train, val = _split_records(read_jsonl(data), tune.val_fraction)
+        return train, val, data
+    if task == "sft":
+        console.print("no --data: the embedded stdlib task (write the function a docstring describes)")
+        return docstring_chats("train"), docstring_chats("val"), "embedded:stdlib-docstring-chats"
+    console.print("no --data: the embedded stdlib task (which package a chunk of source comes from)")
+    train, _ = module_chunks("train", max_per_family=200)
+    val, _ = module_chunks("val", max_per_family=60)
+    return train, val, "embedded:stdlib-module-families"
+
+
+# --- the objective -------------------------------------------------------------------------------------------------
+def tuned_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Next-token loss. The MTP modules' loss joins only when they train: a frozen draft head would otherwise pull
+    the trunk toward what it predicts (and cost a block's forward per step)."""
+    from deepsail.model import IGNORE_INDEX
+    from deepsail.train.pretrain import next_token_loss
+
+    if any(p.requires_grad for p in model.mtp.parameters()):
+        return next_token_loss(model, batch)
+    x_BT, y_BT = batch
+    logits = model(x_BT).logits
+    return {"loss": F.cross_entropy(logits.flatten(0, 1).float(), y_BT.flatten(), ignore_index=IGNORE_INDEX)}
+
+
+# --- checkpoints: only what trains ---------------------------------------------------------------------------------
+def _saver(touched: set[str], base_dir: Path) -> Callable[[nn.Module, Path], None]:
+    def save(model: nn.Module, folder: Path) -> None:
+        state = model.state_dict()
+        save_file({k: state[k].detach().contiguous() for k in sorted(touched)}, str(folder / TUNED))
+        (folder / BASE_FILE).write_text(json.dumps({"base": str(base_dir.resolve())}) + "\n")
+        trunk = getattr(model, "trunk", model)
+        if L.lora_layers(trunk):
+            L.write_adapter(trunk, folder, base_model_name_or_path=str(base_dir.resolve()))
+
+    return save
+
+
+def _load_tuned(model: nn.Module, checkpoint: Path) -> None:
+    tensors = load_file(str(checkpoint / TUNED))
+    unexpected = sorted(set(tensors) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(f"{checkpoint / TUNED} holds tensors this run's model lacks: {unexpected[:5]}")
+    model.load_state_dict(tensors, strict=False)
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+def finetune(
+    base: str | Path,
+    cfg: TrainConfig,
+    tune: TuneConfig,
+    *,
+    data: str = "",
+    resume: bool = False,
+    steps_given: bool = False,
+    console: Console | None = None,
+) -> FinetuneResult:
+    """Fine-tune `base` on `data` as `tune` says (see the module docstring); `cfg.out` is the run folder."""
+    from deepsail.data.tokenizer import token_byte_lengths
+    from deepsail.train.pretrain import evaluate as lm_evaluate
+    from deepsail.tune import heads
+    from deepsail.tune.data import ExampleBatches, chat_examples, class_examples
+
+    console = console or Console()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a run folder; choose another --out.")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} already holds files; pass --resume to continue that run, or choose a new --out.")
+    base_dir, tokenizer = resolve_base(base)
+    stages = (
+        read_stages(tune.stages)
+        if tune.stages
+        else [
+            Stage(
+                "finetune", ("all",), cfg.lr, None if steps_given else tune.epochs, cfg.steps if steps_given else None
+            )
+        ]
+    )
+    lora_cfg = tune.lora()
+    if not tune.stages and lora_cfg is not None:
+        stages = [dataclasses.replace(stages[0], layers=("lora",))]
+    if any("lora" in s.layers for s in stages) and lora_cfg is None:
+        raise ValueError(f'{tune.stages}: a stage trains "lora" but no adapter is set up; pass --lora-r.')
+
+    seed_everything(cfg.seed)
+    model = load_base(base_dir, device)
+    trunk = model
+    max_len = min(cfg.seq_len, model.config.max_position_embeddings)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    max_tokens = cfg.batch_size * max_len
+
+    # --- data, loss, evaluation ---
+    baseline = None
+    if tune.task == "lm" and not data:
+        raise ValueError(
+            "--task lm needs --data: a .jsonl/.txt/.parquet file or folder, or a `deepsail data prepare` folder."
+        )
+    if tune.task == "lm":
+        from deepsail.data.loader import PackedLoader, eval_batches
+        from deepsail.data.prepare import prepare
+
+        data_dir = Path(data)
+        if not (data_dir / "manifest.json").is_file():
+            data_dir = out / "data"
+            if not (resume and (data_dir / "manifest.json").is_file()):
+                prepare(
+                    [data],
+                    tokenizer,
+                    data_dir,
+                    text_field=tune.text_field,
+                    val_fraction=tune.val_fraction,
+                    progress=False,
+                )
+        batches = PackedLoader(data_dir, "train", cfg.batch_size, max_len, seed=cfg.seed, device=device)
+        token_bytes = token_byte_lengths(tokenizer)
+        loss_fn = tuned_lm_loss
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            val = eval_batches(data_dir, cfg.batch_size, max_len, "val", max_batches=cfg.eval_batches, device=device)
+            r = lm_evaluate(m, val, token_bytes, device, precision)
+            return {k: r[k] for k in ("loss", "ppl", "bpb")}
+
+        source, batches_per_epoch = str(data), len(batches)
+    else:
+        train_records, val_records, source = _records(tune.task, data, tune, console)
+        if tune.task == "sft":
+            train_ex, val_ex = (
+                chat_examples(train_records, tokenizer, max_len),
+                chat_examples(val_records, tokenizer, max_len),
+            )
+            loss_fn = tuned_lm_loss
+            token_bytes = token_byte_lengths(tokenizer)
+        else:
+            labels = list(tune.labels) or sorted(
+                {str(r.get(tune.labels_field)) for r in train_records if r.get(tune.labels_field) is not None}
+            )
+            train_ex = class_examples(train_records, tokenizer, max_len, labels, tune.text_field, tune.labels_field)
+            val_ex = class_examples(val_records, tokenizer, max_len, labels, tune.text_field, tune.labels_field)
+            model = heads.SequenceClassifier(trunk, labels)
+            loss_fn = heads.classify_loss
+            baseline = heads.bag_of_words_baseline(
+                (train_ex.inputs, train_ex.targets), (val_ex.inputs, val_ex.targets), tokenizer.vocab_size, len(labels)
+            )
+            console.print(
+                f"bag-of-words baseline: val accuracy {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}"
+            )
+        batches = ExampleBatches(train_ex, max_tokens, pad_id, cfg.seed, device)
+        val_batches = ExampleBatches(val_ex, max_tokens, pad_id, cfg.seed, device)
+        batches_per_epoch = batches.batches_per_epoch
+        console.print(
+            f"{len(train_ex)} train / {len(val_ex)} val examples from {source} ({train_ex.truncated} cut to "
+            f"{max_len} tokens, {train_ex.dropped} dropped); padding {batches.padded_fraction():.1%} of batch slots"
+        )
+
+        if tune.task == "sft":
+
+            def evaluate(m: nn.Module) -> dict[str, float]:
+                r = lm_evaluate(m, val_batches.fixed_order(), token_bytes, device, precision)
+                return {k: r[k] for k in ("loss", "ppl", "bpb")}
+        else:
+
+            def evaluate(m: nn.Module) -> dict[str, float]:
+                return heads.evaluate_classifier(m, val_batches.fixed_order())
+
+    if lora_cfg is not None:
+        L.apply_lora(trunk, lora_cfg, freeze=True)
+    if tune.task == "classify":
+        stages = [dataclasses.replace(s, layers=tuple(dict.fromkeys((*s.layers, "head")))) for s in stages]
+
+    # --- EWC: hold what the previous task relied on ---
+    fisher_prev = None
+    if tune.ewc_lambda:
+        from deepsail.tune.ewc import load_fisher
+
+        fisher_prev = load_fisher(base_dir)
+
+    def loss_with_ewc(penalty: Callable[[], torch.Tensor] | None) -> Callable:
+        if penalty is None:
+            return loss_fn
+
+        def fn(m: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+            losses = loss_fn(m, batch)
+            ewc = penalty()
+            return {**losses, "loss": losses["loss"] + ewc, "task_loss": losses["loss"], "ewc": ewc}
+
+        return fn
+
+    # --- the stages ---
+    touched: set[str] = set()
+    results: list[dict[str, Any]] = []
+    model.to(device)
+    flops = trunk.flops_per_token(max_len)
+    for k, stage in enumerate(stages, start=1):
+        stage_out = out if len(stages) == 1 else out / "stages" / f"{k}_{stage.name}"
+        where = f"{tune.stages or 'finetune'}: stage {stage.name!r}"
+        n_trainable = select_trainable(model, stage.layers, where)
+        touched |= {n for n, p in model.named_parameters() if p.requires_grad}
+        steps = stage.steps or max(1, math.ceil(stage.epochs * batches_per_epoch / cfg.grad_accum))
+        stage_cfg = cfg.replace(
+            out=str(stage_out),
+            lr=stage.lr,
+            min_lr=min(cfg.min_lr, stage.lr),
+            steps=steps,
+            minutes=None,
+            warmup_steps=min(cfg.warmup_steps, steps // 10),
+            eval_every=min(cfg.eval_every, steps) if cfg.eval_every else 0,
+        )
+        summary = stage_out / "summary.json"
+        if resume and summary.is_file():  # finished before the interruption: load its final weights, move on
+            from deepsail.train.checkpoint import latest_checkpoint
+
+            _load_tuned(model, latest_checkpoint(stage_out / "checkpoints"))
+            results.append({"stage": stage.name, **json.loads(summary.read_text())})
+            console.print(f"stage {stage.name}: already done ({summary})")
+            continue
+        start = check_resumable(stage_cfg, resume and (stage_out / "checkpoints").is_dir(), console)
+        if start is not None:
+            _load_tuned(model, start)
+        penalty = None
+        if fisher_prev is not None:
+            from deepsail.tune.ewc import EWCPenalty
+
+            penalty = EWCPenalty(trunk, fisher_prev, tune.ewc_lambda)
+        console.print(
+            f"stage {k}/{len(stages)} {stage.name}: layers {list(stage.layers)}, lr {stage.lr:g}, {steps} steps "
+            f"({n_trainable / 1e6:.3f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)"
+        )
+        result: TrainResult = train_loop(
+            model,
+            batches,
+            loss_with_ewc(penalty),
+            stage_cfg,
+            evaluate=evaluate,
+            tokens_per_batch=lambda b: b[0].numel(),
+            flops_per_token=flops,
+            tokenizer=tokenizer,
+            resume_from=start,
+            run_info={
+                "base": str(base_dir.resolve()),
+                "data": source,
+                "tune": dataclasses.asdict(tune),
+                "stage": dataclasses.asdict(stage),
+                "lora": L.lora_config_dict(lora_cfg) if lora_cfg else None,
+            },
+            console=console,
+            name=stage.name,
+            save_model=_saver(touched, base_dir),
+        )
+        results.append({"stage": stage.name, **result.to_dict()})
+
+    # --- outputs: merged model (+ Fisher), adapter, report ---
+    fisher = None
+    if tune.ewc_batches:
+        from deepsail.tune.ewc import fisher_diagonal
+
+        names = {n for n in touched if not L.is_lora_param(n)}
+        names |= {f"{n}.weight" for n, m in L.lora_layers(trunk).items() if isinstance(m, L.LoraLinear)}
+        names |= {
+            f"{n}.{w}"
+            for n, m in L.lora_layers(trunk).items()
+            if isinstance(m, L.LoraExperts)
+            for w in ("gate_up_proj", "down_proj")
+        }
+        names = {n for n in names if n in dict(model.named_parameters())}
+        fisher = fisher_diagonal(model, iter(batches), loss_fn, tune.ewc_batches, names)
+        fisher = {n.removeprefix("trunk."): f for n, f in fisher.items()}
+    model_dir, adapter_dir = out / "model", None
+    with atomic_dir(model_dir) as tmp:
+        trunk.save_pretrained(tmp)  # with LoRA: the adapter merged in (the model stays unmerged)
+        tokenizer.save(tmp)
+        if tune.task == "classify":
+            model.save_head(tmp)
+        if fisher:
+            from deepsail.tune.ewc import save_fisher
+
+            save_fisher(fisher, tmp)
+    if L.lora_layers(trunk):
+        adapter_dir = out / "adapter"
+        with atomic_dir(adapter_dir) as tmp:
+            L.write_adapter(trunk, tmp, base_model_name_or_path=str(base_dir.resolve()))
+            tokenizer.save(tmp)
+            if tune.task == "classify":
+                model.save_head(tmp)
+    val = {k.removeprefix("val_"): v for k, v in results[-1].items() if k.startswith("val_")}
+    report = write_report(out, tune, results, val, baseline, source, base_dir, adapter_dir)
+    console.print(
+        f"model: {model_dir}" + (f" | adapter: {adapter_dir}" if adapter_dir else "") + f" | report: {report}"
+    )
+    return FinetuneResult(
+        str(out), str(model_dir), str(adapter_dir) if adapter_dir else None, results, val, baseline, str(report)
+    )
+
+
+def write_report(
+    out: Path,
+    tune: TuneConfig,
+    results: list[dict[str, Any]],
+    val: dict[str, float],
+    baseline: dict[str, float] | None,
+    source: str,
+    base_dir: Path,
+    adapter_dir: Path | None,
+) -> Path:
+    lines = [
+        f"# Fine-tuning report: {out.name}",
+        "",
+        f"- base: `{base_dir}`",
+        f"- data: `{source}` (task `{tune.task}`)",
+        f"- LoRA: r={tune.lora_r}, alpha={tune.lora_alpha}, dropout={tune.lora_dropout}"
+        if tune.lora_r
+        else "- LoRA: off",
+        f"- outputs: `{out / 'model'}`" + (f", adapter `{adapter_dir}`" if adapter_dir else ""),
+        "",
+        "| stage | steps | tok/s | val loss | " + " | ".join(k for k in val if k != "loss") + " |",
+        "|---|---|---|---|" + "---|" * len([k for k in val if k != "loss"]),
+    ]
+    for r in results:
+        vals = [f"{r.get('val_' + k, float('nan')):.4f}" for k in val if k != "loss"]
+        lines.append(
+            f"| {r['stage']} | {r['step']} | {r['tok_per_s']:,.0f} | {r.get('val_loss', float('nan')):.4f} | "
+            + " | ".join(vals)
+            + " |"
+        )
+    if baseline:
+        lines += [
+            "",
+            "| classifier | val accuracy | val macro-F1 |",
+            "|---|---|---|",
+            f"| fine-tuned model | {val.get('accuracy', float('nan')):.3f} | {val.get('macro_f1', float('nan')):.3f} |",
+            f"| bag-of-words logistic regression | {baseline['accuracy']:.3f} | {baseline['macro_f1']:.3f} |",
+        ]
+    plots = [Path(r["plot_path"]) for r in results if r.get("plot_path")]
+    lines += [
+        "",
+        *[f"![{p.parent.name} loss]({p.relative_to(out) if p.is_relative_to(out) else p})" for p in plots],
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# The CLI verbs
+
+_TRAIN = Options(
+    TrainConfig,
+    skip=("data", "model_preset", "tokenizer"),
+    defaults={
+        "out": "runs/finetune",
+        "lr": 1e-4,
+        "min_lr": 1e-5,
+        "warmup_steps": 10,
+        "weight_decay": 0.0,
+        "bias_update_rate": 0.0,
+        "eval_every": 100,
+    },
+)
+
+
+@options(cfg=_TRAIN, tune=Options(TuneConfig, skip=("task",)))
+def finetune_command(
+    base: Annotated[str, typer.Argument(help="The model to adapt: a run folder, an HF folder, or an adapter folder.")],
+    cfg: TrainConfig,
+    tune: TuneConfig,
+    data: Annotated[
+        str,
+        typer.Option(help="Training data: .jsonl/.txt/.parquet (or a `deepsail data prepare` folder for --task lm)."),
+    ] = "",
+    task: Annotated[str, typer.Option(help="lm: next-token loss; classify: a sequence-classification head.")] = "lm",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    given: frozenset[str] = frozenset(),
+) -> FinetuneResult:
+    """Adapt a model: full fine-tuning, LoRA (peft's adapter format), or staged (--stages), for next-token loss
+    or classification. Writes RUN/model (merged HF folder), RUN/adapter (with LoRA) and RUN/report.md.
+
+    \b
+    Examples:
+      deepsail finetune runs/base --data finance.jsonl --lora-r 16 --lora-alpha 32 --out runs/finance
+      deepsail finetune runs/base --data finance.jsonl --stages stages.json --out runs/staged
+      deepsail finetune runs/base --task classify --lora-r 8 --out runs/classify    # embedded stdlib task
+      deepsail finetune runs/finance/model --data law.jsonl --ewc-lambda 100 --out runs/law
+    """
+    tune = dataclasses.replace(tune, task=task)
+    return finetune(base, cfg, tune, data=data, resume=resume, steps_given="steps" in given)
+
+
+@options(
+    cfg=Options(TrainConfig, skip=_TRAIN.skip, defaults={**_TRAIN.defaults, "out": "runs/sft", "seq_len": 512}),
+    tune=Options(TuneConfig, skip=("task", "labels", "labels_field", "text_field")),
+)
+def sft_command(
+    base: Annotated[str, typer.Argument(help="The model to tune: a run folder, an HF folder, or an adapter folder.")],
+    cfg: TrainConfig,
+    tune: TuneConfig,
+    data: Annotated[
+        str,
+        typer.Option(help='Chats: JSONL of {"messages": [{"role": ..., "content": ...}, ...]} (default: embedded).'),
+    ] = "",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    given: frozenset[str] = frozenset(),
+) -> FinetuneResult:
+    """Supervised fine-tuning on chats: rendered with the model's chat template, loss on assistant tokens only,
+    conversations padded per length bucket (never attending to each other). Without --data: instruction pairs mined
+    from the standard library ("write the function this docstring describes").
+
+    \b
+    Examples:
+      deepsail sft runs/base --out runs/sft                       # embedded stdlib instructions
+      deepsail sft runs/base --data chats.jsonl --lora-r 16 --epochs 3 --out runs/chat
+    """
+    tune = dataclasses.replace(tune, task="sft")
+    return finetune(base, cfg, tune, data=data, resume=resume, steps_given="steps" in given)
