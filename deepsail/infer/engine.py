@@ -37,6 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,8 +179,11 @@ class RequestHandle:
 class _Request:
     """The engine thread's view of a request."""
 
-    def __init__(self, request_id: int, prompt_ids: list[int], state: DecodeState, handle: RequestHandle) -> None:
+    def __init__(
+        self, request_id: int, prompt_ids: list[int], state: DecodeState, handle: RequestHandle, adapter: int = 0
+    ) -> None:
         self.id = request_id
+        self.adapter = adapter  # index in the engine's AdapterSet; 0 = the base model
         self.prompt_len = len(prompt_ids)
         self.tokens = list(prompt_ids)  # prompt + output: what the KV cache must hold
         self.state, self.handle = state, handle
@@ -195,9 +199,13 @@ class Engine:
     """The continuous-batching engine. Thread-safe API: `submit`, `RequestHandle.stream/result/cancel`, `stats`,
     `shutdown`; the step loop runs in `start()`'s thread, or in the caller with `step()` / `run_until_idle()`."""
 
-    def __init__(self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None, adapters: Any = None
+    ) -> None:
+        """`adapters`: a `deepsail.tune.lora.AdapterSet` already applied to `model`; each request may name one."""
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.adapters = adapters
         self.config = cfg = config or EngineConfig()
         c = model.config
         self.max_model_len = cfg.max_model_len or c.max_position_embeddings
@@ -274,10 +282,18 @@ class Engine:
         return n
 
     # --- the public API (any thread) ---------------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
-        """Queue a request. Raises ValueError if it can never run, QueueFull if the queue is full,
-        EngineClosed after shutdown began."""
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> RequestHandle:
+        """Queue a request (with `adapter`, one of the engine's adapters by name). Raises ValueError if it can never
+        run, QueueFull if the queue is full, EngineClosed after shutdown began."""
         params = params or SamplingParams()
+        adapter_index = 0
+        if adapter is not None:
+            names = self.adapters.names if self.adapters is not None else []
+            if adapter not in names:
+                raise ValueError(f"unknown adapter {adapter!r}; this engine serves {names or 'no adapters'}")
+            adapter_index = self.adapters.index(adapter)
         if not self._accepting:
             raise EngineClosed("the engine is shutting down and takes no new requests")
         prompt = [int(i) for i in prompt_ids]
@@ -304,7 +320,7 @@ class Engine:
                 raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
             rid = next(self._ids)
             handle = RequestHandle(self, rid, state)
-            self._inbox.append(_Request(rid, prompt, state, handle))
+            self._inbox.append(_Request(rid, prompt, state, handle, adapter_index))
         self._wake.set()
         return handle
 
@@ -415,13 +431,16 @@ class Engine:
         scoring = [
             i for i, (r, _) in enumerate(batch) if r.state.prompt_logprobs is not None and r.num_computed < r.prompt_len
         ]
-        out = self.model(
-            torch.tensor(ids, device=dev),
-            cache=cache,
-            input_lens=torch.tensor([n for _, n in batch], device=dev),
-            last_logits_only=True,
-            return_hidden=bool(scoring),
-        )
+        # Rows may use different adapters: each adapted layer adds its rows' low-rank products (lora.AdapterSet).
+        rows = self.adapters.select([r.adapter for r, _ in batch], T, dev) if self.adapters else nullcontext()
+        with rows:
+            out = self.model(
+                torch.tensor(ids, device=dev),
+                cache=cache,
+                input_lens=torch.tensor([n for _, n in batch], device=dev),
+                last_logits_only=True,
+                return_hidden=bool(scoring),
+            )
         logits = out.logits[:, 0]
         for i in scoring:
             self._score_prompt(batch[i][0], out.hidden[i, : batch[i][1]])
@@ -553,7 +572,7 @@ class Engine:
         if not self.config.enable_prefix_caching or req.state.prompt_logprobs is not None:
             return [], []
         bs = self.config.block_size
-        blocks, hashes, h = [], [], 0
+        blocks, hashes, h = [], [], self._chain_seed(req)
         for j in range((len(req.tokens) - 1) // bs):
             key = (h, tuple(req.tokens[j * bs : (j + 1) * bs]))
             block = self.allocator.lookup(key)
@@ -564,11 +583,16 @@ class Engine:
             hashes.append(h)
         return blocks, hashes
 
+    @staticmethod
+    def _chain_seed(req: _Request) -> int:
+        """Where a request's block-hash chain starts: the same tokens under another adapter are other KV entries."""
+        return 0 if req.adapter == 0 else hash(("adapter", req.adapter))
+
     def _register_full_blocks(self, req: _Request) -> None:
         bs = self.config.block_size
         while len(req.hashes) < req.num_computed // bs:
             j = len(req.hashes)
-            key = (req.hashes[-1] if req.hashes else 0, tuple(req.tokens[j * bs : (j + 1) * bs]))
+            key = (req.hashes[-1] if req.hashes else self._chain_seed(req), tuple(req.tokens[j * bs : (j + 1) * bs]))
             self.allocator.register(req.blocks[j], key)
             req.hashes.append(hash(key))
 

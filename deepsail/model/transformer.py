@@ -232,10 +232,12 @@ class Transformer(HFCheckpoint, nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self, rate: float) -> None:
-        """Aux-loss-free balancing: nudge every router's bias by ±rate from the load since the last call."""
+        """Aux-loss-free balancing: nudge every router's bias by ±rate from the load since the last call. A frozen
+        router (its layer is not being fine-tuned) keeps its bias: frozen means the layer computes what it did."""
         for _, moe in self.moe_layers():
             if moe.tokens_per_expert is not None:
-                moe.gate.update_bias(moe.tokens_per_expert, rate)
+                if moe.gate.weight.requires_grad:
+                    moe.gate.update_bias(moe.tokens_per_expert, rate)
                 moe.tokens_per_expert = None
 
     def expert_load(self) -> dict[str, torch.Tensor]:

@@ -67,11 +67,19 @@ class Served:
     max_model_len: int
     vocab_size: int
     max_token_bytes: int = 64  # the most bytes of text one token stands for (Tokenizer.max_token_bytes)
+    adapters: tuple[str, ...] = ()  # LoRA adapters a request may name as its `model`
 
 
-def load_served(path: str | Path, device: str | None = None, dtype: str | None = None, **engine_config: Any) -> Served:
-    """Load an HF dir or a run folder (its latest checkpoint) and start an engine on it. `engine_config` are
-    `EngineConfig` fields; None means the engine's default."""
+def load_served(
+    path: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    adapters: dict[str, str | Path] | None = None,
+    **engine_config: Any,
+) -> Served:
+    """Load an HF dir or a run folder (its latest checkpoint) and start an engine on it, with the named LoRA
+    `adapters` (peft format) served beside the base in the same batches. `engine_config` are `EngineConfig` fields;
+    None means the engine's default."""
     from deepsail.infer.engine import Engine, EngineConfig
     from deepsail.infer.generate import load
     from deepsail.train.checkpoint import resolve_checkpoint
@@ -83,7 +91,17 @@ def load_served(path: str | Path, device: str | None = None, dtype: str | None =
             f"{folder} has no tokenizer.json; the server needs one to turn text into tokens. Copy the "
             "tokenizer the model was trained with into it"
         )
-    engine = Engine(model, tokenizer, EngineConfig(**{k: v for k, v in engine_config.items() if v is not None}))
+    adapter_set = None
+    if adapters:
+        from deepsail.tune.lora import AdapterSet
+
+        adapter_set = AdapterSet(model, adapters)
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(**{k: v for k, v in engine_config.items() if v is not None}),
+        adapters=adapter_set,
+    )
     engine.start()
     return Served(
         engine,
@@ -92,6 +110,7 @@ def load_served(path: str | Path, device: str | None = None, dtype: str | None =
         engine.max_model_len,
         model.config.vocab_size,
         tokenizer.max_token_bytes,
+        tuple(adapter_set.names) if adapter_set else (),
     )
 
 

@@ -86,6 +86,14 @@ def serve_command(
         str | None,
         typer.Option(show_default=False, help="Model id in /v1/models and responses. Default: the folder's name."),
     ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            show_default=False,
+            help="A LoRA adapter (peft format) served beside the base, NAME=DIR; repeat for more. A request whose "
+            "`model` is NAME runs with it, in the same batches as the base.",
+        ),
+    ] = None,
     device: Device = "auto",
     dtype: DType = "auto",
     threads: Annotated[
@@ -106,6 +114,7 @@ def serve_command(
     \b
     Examples:
       deepsail serve runs/base --port 8000
+      deepsail serve runs/base --adapter finance=runs/finance/adapter --adapter law=runs/law/adapter
       DEEPSAIL_API_KEY=sk-... deepsail serve runs/base --host 0.0.0.0 --max-batch-size 64
       curl localhost:8000/generate -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 32}'
     """
@@ -125,6 +134,18 @@ def serve_command(
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
     # Everything that can be checked before the port opens is: a bad flag fails in one line, not from the loader.
     kv_budget_bytes = parse_bytes(kv_budget) if kv_budget else None
+    adapters: dict[str, str] = {}
+    for item in adapter or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(
+                f"{item!r}: expected NAME=DIR, e.g. finance=runs/finance/adapter", param_hint="--adapter"
+            )
+        if not Path(folder, "adapter_config.json").is_file():
+            raise typer.BadParameter(
+                f"{folder} has no adapter_config.json (a peft-format adapter folder)", param_hint="--adapter"
+            )
+        adapters[name] = folder
     resolve_device(device)
     parse_precision(dtype)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -143,6 +164,7 @@ def serve_command(
             kv_budget_bytes=kv_budget_bytes,
             max_waiting=max_waiting,
             max_model_len=max_model_len,
+            adapters=adapters,
         )
 
     def on_load_error(e: BaseException) -> None:

@@ -76,17 +76,23 @@ def fit(served: Served, prompt_len: int, max_tokens: int | None) -> int:
     return max_tokens
 
 
-def check_model(served: Served, cfg: ServerConfig, requested: str | None) -> None:
-    """404 for a model this server does not serve (as vLLM): silently answering with another model is wrong output."""
+def check_model(served: Served, cfg: ServerConfig, requested: str | None) -> tuple[str, str | None]:
+    """(the model id to answer as, the adapter to run: None for the base). A request names the base model or one
+    of its adapters (`deepsail serve BASE --adapter finance=DIR`); anything else is a 404 (as vLLM): silently
+    answering with another model is wrong output."""
     name = cfg.model_name or served.model_name
-    if requested is not None and requested != name:
-        raise APIError(
-            404,
-            f"The model `{requested}` does not exist; this server serves `{name}` (see /v1/models).",
-            "not_found_error",
-            param="model",
-            code="model_not_found",
-        )
+    if requested is None or requested == name:
+        return name, None
+    if requested in served.adapters:
+        return requested, requested
+    known = ", ".join(f"`{n}`" for n in [name, *served.adapters])
+    raise APIError(
+        404,
+        f"The model `{requested}` does not exist; this server serves {known} (see /v1/models).",
+        "not_found_error",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def check_text_size(served: Served, text_bytes: int, param: str) -> None:
@@ -112,14 +118,16 @@ def check_ids(served: Served, ids: list[int]) -> None:
         )
 
 
-def submit(served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], SamplingParams]]) -> list[Any]:
+def submit(
+    served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], SamplingParams]], adapter: str | None = None
+) -> list[Any]:
     """Submit every choice or none: a full queue part way through cancels the ones already in."""
     from deepsail.infer.engine import EngineClosed, QueueFull
 
     handles: list[Any] = []
     try:
         for ids, params in jobs:
-            handles.append(served.engine.submit(ids, params))
+            handles.append(served.engine.submit(ids, params, adapter) if adapter else served.engine.submit(ids, params))
     except EngineClosed as e:
         for h in handles:
             h.cancel()
@@ -211,13 +219,16 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
     @app.get("/v1/models", dependencies=protected, response_model=P.ModelList)
     async def models() -> P.ModelList:
         s = state.ready()
-        return P.ModelList(data=[P.ModelCard(id=model_name(s), max_model_len=s.max_model_len)])
+        base = model_name(s)
+        cards = [P.ModelCard(id=base, max_model_len=s.max_model_len)]
+        cards += [P.ModelCard(id=a, max_model_len=s.max_model_len, parent=base) for a in s.adapters]
+        return P.ModelList(data=cards)
 
     @app.post("/v1/completions", dependencies=protected, response_model=P.CompletionResponse, responses=errors)
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         s = state.ready()
-        check_model(s, cfg, req.model)
+        answer_as, adapter = check_model(s, cfg, req.model)
         tok = s.tokenizer
         prompts = req.prompts()
         if len(prompts) * req.n > MAX_CHOICES:
@@ -242,8 +253,8 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         metrics.prompt_tokens.inc(prompt_tokens)
         prompt_of = [ids for ids in encoded for _ in range(req.n)]
         echo = [tok.decode(ids) if req.echo else "" for ids in prompt_of]
-        streams = ChoiceStreams(submit(s, cfg, jobs), metrics, arrival)
-        head = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": model_name(s)}
+        streams = ChoiceStreams(submit(s, cfg, jobs, adapter), metrics, arrival)
+        head = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": answer_as}
         offsets = [0] * len(jobs)  # text_offset of the next token, per choice
         first = [True] * len(jobs)
 
@@ -291,7 +302,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         s = state.ready()
-        check_model(s, cfg, req.model)
+        answer_as, adapter = check_model(s, cfg, req.model)
         tok = s.tokenizer
         check_text_size(s, sum(len(m.text().encode("utf-8")) for m in req.messages), "messages")
 
@@ -308,12 +319,12 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(ids, sampling_params(req, max_tokens, logprobs, j)) for j in range(req.n)]
         metrics.prompt_tokens.inc(len(ids))
-        streams = ChoiceStreams(submit(s, cfg, jobs), metrics, arrival)
+        streams = ChoiceStreams(submit(s, cfg, jobs, adapter), metrics, arrival)
         head = {
             "id": P.new_id("chatcmpl"),
             "object": "chat.completion.chunk",
             "created": P.now(),
-            "model": model_name(s),
+            "model": answer_as,
         }
         first = [True] * req.n
 
@@ -391,13 +402,13 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         """Plain text in, text out: {"prompt": "...", "max_tokens": 64, "temperature": 0} -> {"text": ...}."""
         arrival = time.perf_counter()
         s = state.ready()
-        check_model(s, cfg, req.model)
+        answer_as, adapter = check_model(s, cfg, req.model)
         check_text_size(s, len(req.prompt.encode("utf-8")), "prompt")
         ids = await tokenize(lambda: s.tokenizer.encode(req.prompt))
         check_ids(s, ids)
         params = sampling_params(req, fit(s, len(ids), req.max_tokens), None, 0)
         metrics.prompt_tokens.inc(len(ids))
-        streams = ChoiceStreams(submit(s, cfg, [(ids, params)]), metrics, arrival)
+        streams = ChoiceStreams(submit(s, cfg, [(ids, params)], adapter), metrics, arrival)
 
         def body(per_choice: list[list[Any]]) -> P.GenerateResponse:
             (evs,) = per_choice

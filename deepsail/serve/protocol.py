@@ -299,6 +299,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "deepsail"
     max_model_len: int | None = None
+    parent: str | None = None  # for a LoRA adapter: the base model it runs on (as vLLM reports it)
 
 
 class ModelList(BaseModel):
