@@ -217,7 +217,7 @@ def test_bad_input_gets_one_clear_error(tiny_model_dir, chats_file, tmp_path):
     assert r.exit_code == 1 and "no such file" in r.output
 
 
-# --- adapters served per request ---------------------------------------------------------------------------------------
+# --- adapters served per request ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
