@@ -8,7 +8,7 @@ model.save_adapter("adapters/finance")            # after deepsail.tune.apply_lo
 """
 
 from deepsail.model import KVCache, ModelConfig, ModelOutput, Transformer
-from deepsail.tune.lora import from_pretrained
+from deepsail.tune.load import from_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["KVCache", "ModelConfig", "ModelOutput", "Transformer", "from_pretrained", "__version__"]

@@ -102,12 +102,15 @@ def test_staged_run_freezes_bitwise_and_writes_outputs(tiny_model_dir, chats_fil
     assert (out / "adapter/adapter_config.json").is_file() and (out / "model/fisher.safetensors").is_file()
     report = (out / "report.md").read_text()
     assert "| top | 3 |" in report and "| adapter | 3 |" in report and "loss.png" in report
-    # the adapter run folder loads through ds.from_pretrained (base weights of stage 1 + adapter) like model/
+    # a checkpoint loads as the model it was when written: base + stage 1's block + the adapter (unmerged)
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():
-        a = tuned(ids).logits
-        b = ds.from_pretrained(out / "stages/2_adapter/checkpoints/step_000003", adapter=None)
-    assert b is not None and a.shape[-1] == tuned.config.vocab_size
+        from_ckpt = ds.from_pretrained(out / "stages/2_adapter/checkpoints/step_000003")(ids).logits
+        assert (from_ckpt - tuned(ids).logits).abs().max() < 1e-4
+        # and the adapter's own base is the stage-1 model, written beside it (its base_model_name_or_path)
+        adapter_base = json.loads((out / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+        assert Path(adapter_base) == (out / "base").resolve()
+        assert (ds.from_pretrained(out / "adapter")(ids).logits - tuned(ids).logits).abs().max() < 1e-4
 
 
 def test_resume_after_a_kill_is_exact(tiny_model_dir, chats_file, tmp_path):

@@ -64,7 +64,7 @@ def load(
     `dtype` take deepsail's words (auto: CUDA in bf16 when there is a GPU, else CPU in fp32)."""
     from deepsail.data.tokenizer import Tokenizer
     from deepsail.train.checkpoint import resolve_checkpoint
-    from deepsail.tune.lora import from_pretrained  # a LoRA adapter folder brings its base along
+    from deepsail.tune.load import from_pretrained  # a LoRA adapter folder brings its base along
 
     folder = resolve_checkpoint(path)
     device = resolve_device(device)

@@ -196,13 +196,16 @@ def latest_checkpoint(root: Path, need: str = "trainer_state.json") -> Path | No
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model folder as is; a training run folder (or its checkpoints/ folder) -> the checkpoint `latest` names."""
     p = Path(path)
-    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
-        return p  # a model folder, or a LoRA adapter (whose config names its base)
+    loadable = ("config.json", "adapter_config.json", "tuned.safetensors")  # a model, an adapter, a fine-tune's
+    if any((p / name).is_file() for name in loadable):
+        return p
     if (p / "model" / "config.json").is_file():
         return p / "model"  # a finished fine-tuning run: its merged model
     for root in (p / "checkpoints", p):
         if (root / LATEST).is_file():
-            return latest_checkpoint(root, need="config.json")
+            newest = pointed_to(root)
+            need = next((n for n in loadable if newest is not None and (newest / n).is_file()), "config.json")
+            return latest_checkpoint(root, need=need)
     raise ValueError(
         f"{str(p)!r} is neither a model directory (config.json + *.safetensors + tokenizer.json) nor a deepsail "
         "training run folder (with checkpoints/latest). Point at one of those, e.g. runs/base or "

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from deepsail.files import atomic_dir, atomic_write_text
@@ -41,11 +41,10 @@ from deepsail.precision import resolve_device, resolve_precision
 from deepsail.train.config import TrainConfig
 from deepsail.train.loop import TrainResult, check_resumable, seed_everything, train_loop
 from deepsail.tune import lora as L
+from deepsail.tune.load import BASE_FILE, TUNED, from_pretrained, load_tuned
 from deepsail.tune.stages import Stage, read_stages, select_trainable
 
 TASKS = ("lm", "classify", "sft")
-TUNED = "tuned.safetensors"  # a checkpoint's trained weights, deepsail names
-BASE_FILE = "base.json"
 
 
 @dataclass
@@ -132,7 +131,7 @@ def resolve_base(base: str | Path) -> tuple[Path, Any]:
 
 def load_base(folder: Path, device: torch.device) -> nn.Module:
     """The base model in fp32 master weights (autocast gives bf16 compute), any adapter it carries merged in."""
-    model = L.from_pretrained(folder, dtype="fp32", device=device)
+    model = from_pretrained(folder, dtype="fp32", device=device)
     if L.lora_layers(model):
         L.remove_lora(model, merge=True)
     return model
@@ -192,14 +191,6 @@ def _saver(touched: set[str], base_dir: Path) -> Callable[[nn.Module, Path], Non
             L.write_adapter(trunk, folder, base_model_name_or_path=str(base_dir.resolve()))
 
     return save
-
-
-def _load_tuned(model: nn.Module, checkpoint: Path) -> None:
-    tensors = load_file(str(checkpoint / TUNED))
-    unexpected = sorted(set(tensors) - set(model.state_dict()))
-    if unexpected:
-        raise ValueError(f"{checkpoint / TUNED} holds tensors this run's model lacks: {unexpected[:5]}")
-    model.load_state_dict(tensors, strict=False)
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -371,13 +362,13 @@ def finetune(
         if resume and summary.is_file():  # finished before the interruption: load its final weights, move on
             from deepsail.train.checkpoint import latest_checkpoint
 
-            _load_tuned(model, latest_checkpoint(stage_out / "checkpoints"))
+            load_tuned(model, latest_checkpoint(stage_out / "checkpoints"))
             results.append({"stage": stage.name, **json.loads(summary.read_text())})
             console.print(f"stage {stage.name}: already done ({summary})")
             continue
         start = check_resumable(stage_cfg, resume and (stage_out / "checkpoints").is_dir(), console)
         if start is not None:
-            _load_tuned(model, start)
+            load_tuned(model, start)
         penalty = None
         if fisher_prev is not None:
             from deepsail.tune.ewc import EWCPenalty
@@ -437,9 +428,20 @@ def finetune(
 
             save_fisher(fisher, tmp)
     if L.lora_layers(trunk):
+        adapter_base = base_dir
+        trunk_prefix = "trunk." if trunk is not model else ""
+        if any(not L.is_lora_param(n) and n.startswith(trunk_prefix) for n in touched):
+            # Base weights trained too (a staged run's top blocks): the adapter's base is that model, not BASE.
+            adapter_base = out / "base"
+            with atomic_dir(adapter_base) as tmp:
+                from deepsail.model.hf import save_hf
+
+                state = {k: v for k, v in trunk.state_dict().items() if not L.is_lora_param(k)}
+                save_hf(trunk, tmp, state=state)
+                tokenizer.save(tmp)
         adapter_dir = out / "adapter"
         with atomic_dir(adapter_dir) as tmp:
-            L.write_adapter(trunk, tmp, base_model_name_or_path=str(base_dir.resolve()))
+            L.write_adapter(trunk, tmp, base_model_name_or_path=str(adapter_base.resolve()))
             tokenizer.save(tmp)
             if tune.task == "classify":
                 model.save_head(tmp)

@@ -701,36 +701,5 @@ class AdapterSet:
             self.groups, self.rows = [], None
 
 
-# --- loading a base, with or without an adapter ---------------------------------------------------------------------
-def from_pretrained(
-    path: str | Path,
-    adapter: str | Path | None = None,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """`ds.from_pretrained`: an HF/deepsail model folder, optionally with a peft-format adapter applied (unmerged).
-
-    `path` may itself be an adapter folder (what a LoRA fine-tune's checkpoints hold): its
-    `base_model_name_or_path` names the base, as with peft's AutoPeftModel."""
-    from deepsail.model import Transformer
-
-    path = Path(path)
-    if adapter is None and is_adapter_dir(path) and not (path / "config.json").is_file():
-        _, raw = read_adapter_config(path)
-        base = raw.get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise ValueError(
-                f"{path} is a LoRA adapter whose base_model_name_or_path ({base!r}) is not a folder here; load it "
-                f"with from_pretrained(BASE, adapter={str(path)!r})."
-            )
-        path, adapter = Path(base), path
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    model.name_or_path = str(path.resolve())
-    if adapter is not None:
-        load_adapter(model, adapter)
-        model.to(device)
-    return model.eval()
-
-
 def lora_config_dict(cfg: LoraConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg) | {"targets": cfg.targets if isinstance(cfg.targets, str) else list(cfg.targets)}
