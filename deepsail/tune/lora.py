@@ -38,6 +38,7 @@ import json
 import math
 import re
 import types
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -416,6 +417,16 @@ def write_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path:
 
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter in peft's layout, atomically: `adapter_config.json` + `adapter_model.safetensors`."""
+    mlp = {n.rsplit(".", 1)[-1] for n, m in lora_layers(model).items() if isinstance(m, LoraLinear)}
+    if model.config.is_moe and mlp & {"gate_proj", "up_proj", "down_proj"}:
+        # peft/tuners' transformers_weight_conversion: on deepseek_v3 (as qwen2_moe) these names become the routed
+        # experts' fused weights and the dense/shared MLP adapters are dropped.
+        warnings.warn(
+            "this adapter has dense/shared-expert MLP layers on a MoE model; deepsail loads it exactly, but peft "
+            "(0.18+ with transformers 5) re-maps gate_proj/up_proj/down_proj targets to the routed experts and "
+            "drops those layers. Adapt attention only (--lora-targets) for an adapter peft reads the same.",
+            stacklevel=2,
+        )
     with atomic_dir(path) as tmp:
         write_adapter(model, tmp, base_model_name_or_path)
     return Path(path)
