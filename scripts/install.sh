@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# TextAugmenter's synonyms come from WordNet 3.0 in Debian's wordnet-base (read offline: nothing is downloaded at run
+# time), installed here when missing and we may (root, or passwordless sudo); elsewhere the synonym methods say so.
+s=""; [ "$(id -u)" = 0 ] || s="sudo -n"
+if [ ! -e /usr/share/wordnet/index.noun ] && command -v apt-get >/dev/null && $s true 2>/dev/null; then
+  { $s apt-get update -qq && $s env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    wordnet-base >/dev/null; } || echo "install.sh: could not install wordnet-base (TextAugmenter's synonyms)" >&2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"

@@ -1,5 +1,6 @@
 """deepsail.data: tokenizer, the embedded default corpus, token shards and the loaders that batch them."""
 
+from deepsail.data.augment import TextAugmenter
 from deepsail.data.corpus import CorpusInfo, Document, SkipCounts, default_corpus, default_corpus_info, iter_documents
 from deepsail.data.loader import (
     BucketBatcher,
@@ -22,6 +23,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SkipCounts",
     "TokenStream",
+    "TextAugmenter",
     "Tokenizer",
     "data_tokenizer",
     "default_corpus",

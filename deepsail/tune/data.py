@@ -8,9 +8,10 @@ Three kinds of example, one batcher:
   packed like pretraining (that path does not come through here).
 
 Conversations are padded per length bucket, not packed: each batch holds conversations of similar length, padded
-to its longest (`BucketBatcher`), so no conversation can attend to another and the fused causal SDPA kernel still
-runs (packing would need a block-diagonal mask, which sends CPU attention to the masked path; measured 2-4x slower
-per token at these lengths). Padding costs little once lengths are bucketed: the padded share is printed per run.
+to its longest (`BucketBatcher`), so no conversation can attend to another and attention keeps SDPA's causal
+kernel. Packing would need a block-diagonal mask: SDPA with that mask ran 1.16-1.22x slower than is_causal at
+T=256-512 (CPU, forward, 8x8 heads of 64), and it still computes every cross-document score it then masks. Bucketed
+padding costs less: 0.1% of batch slots on the embedded docstring chats (the share is printed every run).
 """
 
 from __future__ import annotations
