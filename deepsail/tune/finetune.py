@@ -319,6 +319,8 @@ def finetune(
         L.apply_lora(trunk, lora_cfg, freeze=True)
     if tune.task == "classify":
         stages = [dataclasses.replace(s, layers=tuple(dict.fromkeys((*s.layers, "head")))) for s in stages]
+    for stage in stages:  # every stage's layers exist before the first one trains (no half-run on a typo)
+        select_trainable(model, stage.layers, f"{tune.stages or 'finetune'}: stage {stage.name!r}")
 
     # --- EWC: hold what the previous task relied on ---
     fisher_prev = None

