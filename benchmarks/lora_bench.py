@@ -58,6 +58,8 @@ from typing import Any
 
 import torch
 
+from deepsail.train.metrics import cpu_name
+
 SIDES = ("deepsail", "peft")
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,14 +106,6 @@ def model_config(base: str) -> Any:
 
 
 # --- machine ---------------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def proc_status_mb(key: str) -> float:

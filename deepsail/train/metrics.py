@@ -50,7 +50,7 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "deepsail" / "peak_flops.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -92,7 +92,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
                 return fp32, f"{name} datasheet"
         key = f"{name}|{precision}"
     else:
-        key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{precision}"
+        key = f"{cpu_name()}|{torch.get_num_threads()} threads|{precision}"
     cache = _cache_path()
     try:
         table = json.loads(cache.read_text()) if cache.exists() else {}
