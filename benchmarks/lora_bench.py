@@ -2,6 +2,7 @@
 
     python benchmarks/lora_bench.py                          # both bases, fp32, batch 4x256, 3 rounds
     python benchmarks/lora_bench.py --precision bf16         # bf16 autocast on both sides
+    python benchmarks/lora_bench.py --precision bf16 --base-dtype bf16   # + the frozen base stored in bf16
     python benchmarks/lora_bench.py --base llama --steps 2 --rounds 1 --batch 2 --seq 64   # smoke test
     python benchmarks/lora_bench.py --profile                # + the top ops of one step, each side, first round
 
@@ -132,19 +133,23 @@ def reset_peak_rss() -> bool:
 
 
 # --- the child: one side, one base, one round ------------------------------------------------------------------------
-def load_side(side: str, model_dir: str, targets: tuple[str, ...], dropout: float) -> torch.nn.Module:
+def load_side(
+    side: str, model_dir: str, targets: tuple[str, ...], dropout: float, base_dtype: str = "fp32"
+) -> torch.nn.Module:
+    """The base in `base_dtype` (frozen), fp32 adapters on it: deepsail's and peft's defaults alike."""
+    dtype = torch.bfloat16 if base_dtype == "bf16" else torch.float32
     if side == "deepsail":
         import deepsail as ds
         from deepsail.tune.lora import LoraConfig, apply_lora
 
-        model = ds.from_pretrained(model_dir)
+        model = ds.from_pretrained(model_dir, dtype=dtype)
         apply_lora(model, LoraConfig(r=R, alpha=ALPHA, dropout=dropout, targets=targets))
         return model
     import peft
     import transformers
 
     transformers.logging.set_verbosity_error()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     lora = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(targets))
     return peft.get_peft_model(hf, lora)
 
@@ -173,7 +178,7 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = load_side(args.child, args.model_dir, tuple(args.targets.split(",")), args.dropout)
+    model = load_side(args.child, args.model_dir, tuple(args.targets.split(",")), args.dropout, args.base_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Measured with every weight resident (a loader may map the checkpoint file and page it in on first use) but
     # before any forward: with glibc keeping freed memory, a forward's buffers would stay in the RSS.
@@ -276,6 +281,7 @@ def run_child(args: argparse.Namespace, side: str, base: str, folder: Path, voca
         str(vocab),
         *("--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)),
         *("--warmup", str(args.warmup), "--precision", args.precision, "--allocator", args.allocator),
+        *("--base-dtype", args.base_dtype),
         *("--seed", str(args.seed), "--threads", str(args.threads), "--dropout", str(args.dropout)),
         *(["--profile"] if args.profile else []),
     ]
@@ -294,6 +300,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", choices=[*BASES, "all"], default="all")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--base-dtype", choices=("fp32", "bf16"), default="fp32", help="the frozen base's weights, both sides"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="measured steps per round and side")
@@ -325,7 +334,8 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
     print(
-        f"step: batch {args.batch}x{args.seq}, {args.precision}, LoRA r={R} alpha={ALPHA:g} dropout {args.dropout:g}, "
+        f"step: batch {args.batch}x{args.seq}, {args.precision} (base weights {args.base_dtype}), "
+        f"LoRA r={R} alpha={ALPHA:g} dropout {args.dropout:g}, "
         f"AdamW lr {LR:g}; {args.warmup} warm-up + {args.steps} measured steps per run, {args.rounds} rounds; "
         f"allocator: {'glibc keeps freed memory (deepsail trainer setting)' if args.allocator == 'keep' else 'default'}"
         " on both sides"

@@ -111,6 +111,20 @@ def test_staged_run_freezes_bitwise_and_writes_outputs(tiny_model_dir, chats_fil
         adapter_base = json.loads((out / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
         assert Path(adapter_base) == (out / "base").resolve()
         assert (ds.from_pretrained(out / "adapter")(ids).logits - tuned(ids).logits).abs().max() < 1e-4
+    # an adapter folder as the base: the run trains on it merged, written as RUN/base, and its checkpoint loads
+    again = tmp_path / "again"
+    finetune(
+        out / "adapter",
+        _cfg(again, steps=1),
+        TuneConfig(task="sft", ewc_batches=0),
+        data=str(chats_file),
+        steps_given=True,
+    )
+    assert (again / "base/config.json").is_file()
+    with torch.no_grad():
+        base_logits = ds.from_pretrained(again / "base")(ids).logits
+        assert (base_logits - tuned(ids).logits).abs().max() < 1e-4
+        assert ds.from_pretrained(again / "checkpoints/step_000001")(ids).logits.shape == base_logits.shape
 
 
 def test_resume_after_a_kill_is_exact(tiny_model_dir, chats_file, tmp_path):
@@ -131,6 +145,11 @@ def test_resume_after_a_kill_is_exact(tiny_model_dir, chats_file, tmp_path):
     a = load_file(str(straight / "checkpoints/step_000004/tuned.safetensors"))
     b = load_file(str(killed / "checkpoints/step_000004/tuned.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (killed / "summary.json").unlink()
+    with pytest.raises(ValueError, match="trained with other settings"):  # another rank cannot continue this run
+        finetune(
+            tiny_model_dir, _cfg(killed, steps=4), TuneConfig(lora_r=8, task="sft"), data=str(chats_file), resume=True
+        )
 
 
 def test_classify_reports_beside_bag_of_words(tiny_model_dir, tmp_path):
@@ -142,7 +161,7 @@ def test_classify_reports_beside_bag_of_words(tiny_model_dir, tmp_path):
     result = finetune(
         tiny_model_dir,
         _cfg(out, steps=6, lr=3e-3),
-        TuneConfig(task="classify", lora_r=4, ewc_batches=0),
+        TuneConfig(task="classify", lora_r=4, ewc_batches=1),
         data=str(data),
         steps_given=True,
     )
@@ -150,6 +169,8 @@ def test_classify_reports_beside_bag_of_words(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "bag-of-words logistic regression" in report and "macro-F1" in report
     assert json.loads((out / "model/classifier.json").read_text())["labels"] == ["neg", "pos"]
+    fisher = load_file(str(out / "model/fisher.safetensors"))  # the adapted trunk weights, not just the head
+    assert "score.weight" in fisher and any(k.startswith("layers.") and k.endswith("q_a_proj.weight") for k in fisher)
     tok = Tokenizer.load(tiny_model_dir)
     with pytest.raises(ValueError, match=r"record 0 .*label 'pos' is not one of --labels \['neg', 'maybe'\]"):
         class_examples(rows, tok, 64, ["neg", "maybe"])

@@ -194,6 +194,10 @@ def test_adapter_for_another_base_is_refused(bases, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4}))
     with pytest.raises(ValueError, match="use_dora"):
         ds.from_pretrained(bases["llama"], adapter=bad)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(bases["llama"], dtype=torch.float32)
+    peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])).save_pretrained(tmp_path / "h")
+    with pytest.raises(ValueError, match="lm_head"):  # refused, never applied to the head
+        ds.from_pretrained(bases["llama"], adapter=tmp_path / "h")
     with pytest.raises(ValueError, match="match no layer"):
         apply_lora(ds.from_pretrained(bases["llama"]), LoraConfig(targets=("nonexistent_proj",)))
 

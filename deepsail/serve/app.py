@@ -92,6 +92,10 @@ def load_served(
             "tokenizer the model was trained with into it"
         )
     adapter_set = None
+    if adapters and Path(path).resolve().name in adapters:
+        raise ValueError(
+            f"adapter name {Path(path).resolve().name!r} is the base model's own name; give the adapter another name."
+        )
     if adapters:
         from deepsail.tune.lora import AdapterSet
 

@@ -84,7 +84,11 @@ def load_fisher(folder: str | Path) -> dict[str, torch.Tensor]:
 class EWCPenalty:
     """(lambda / 2) * sum F (theta - theta*)^2 over the weights that have a Fisher entry and can move in this run."""
 
-    def __init__(self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float) -> None:
+    def __init__(
+        self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float, trainable: set[str] | None = None
+    ) -> None:
+        """Build it before training starts: the anchor theta* is the model's weights now. `trainable`: the names
+        that will train in this run (default: those that require grad now)."""
         from deepsail.tune.lora import LoraExperts, LoraLinear, lora_layers
 
         if not lam > 0:
@@ -102,7 +106,7 @@ class EWCPenalty:
                 self.adapted.append((lora[name], "weight", F))
             elif name.rsplit(".", 1)[0] in experts:
                 self.adapted.append((experts[name.rsplit(".", 1)[0]], name.rsplit(".", 1)[1], F))
-            elif name in params and params[name].requires_grad:
+            elif name in params and (name in trainable if trainable is not None else params[name].requires_grad):
                 self.direct.append((params[name], params[name].detach().clone(), F))
         if not self.direct and not self.adapted:
             raise ValueError(

@@ -141,8 +141,11 @@ def load_base(folder: Path, device: torch.device) -> nn.Module:
 def _split_records(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     from deepsail.data.corpus import split_of
 
-    val = [r for r in records if split_of(json.dumps(r, sort_keys=True), fraction) == "val"]
-    train = [r for r in records if split_of(json.dumps(r, sort_keys=True), fraction) == "train"]
+    def key(r: dict) -> str:  # the record's content alone: not where in which file it sits
+        return json.dumps({k: v for k, v in r.items() if k != "source"}, sort_keys=True)
+
+    val = [r for r in records if split_of(key(r), fraction) == "val"]
+    train = [r for r in records if split_of(key(r), fraction) == "train"]
     if not val:  # a tiny file: hold out one record so validation means something
         train, val = records[1:], records[:1]
     if not train:
@@ -193,6 +196,34 @@ def _saver(touched: set[str], base_dir: Path) -> Callable[[nn.Module, Path], Non
     return save
 
 
+def check_same_tuning(checkpoint: Path, tune: TuneConfig) -> None:
+    """A resume must rebuild the same trainable structure: refuse other LoRA settings, task, stages or labels."""
+    try:
+        saved = json.loads((checkpoint.parent.parent / "run_config.json").read_text()).get("tune") or {}
+    except (OSError, ValueError):
+        return  # nothing recorded to compare with; load_tuned still checks every shape
+    now = dataclasses.asdict(tune)
+    keys = ("lora_r", "lora_alpha", "lora_targets", "lora_rslora", "lora_experts", "task", "stages", "labels")
+    changed = {k: (saved[k], now[k]) for k in keys if k in saved and _norm(saved[k]) != _norm(now[k])}
+    if changed:
+        raise ValueError(
+            f"--resume: {checkpoint} was trained with other settings (saved -> now): {changed}; resume with the "
+            "same ones, or start a new --out."
+        )
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, list | tuple) else v
+
+
+def restore_data_and_rng(checkpoint: Path, batches: Any) -> None:
+    from deepsail.train.checkpoint import _load_pt, set_rng_state
+
+    state = _load_pt(checkpoint / "state.pt", "cpu")
+    batches.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+
+
 # --- the run -------------------------------------------------------------------------------------------------------
 def finetune(
     base: str | Path,
@@ -237,6 +268,15 @@ def finetune(
 
     seed_everything(cfg.seed)
     model = load_base(base_dir, device)
+    if not (base_dir / "config.json").is_file() or (base_dir / "adapter_config.json").is_file():
+        # An adapter or a fine-tuning checkpoint: what this run adapts is that model merged. Write it, so the
+        # checkpoints, the adapter and base.json name a folder that loads as exactly that.
+        merged_base = out / "base"
+        if not (resume and (merged_base / "config.json").is_file()):
+            with atomic_dir(merged_base) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save(tmp)
+        base_dir = merged_base
     trunk = model
     max_len = min(cfg.seq_len, model.config.max_position_embeddings)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -319,15 +359,19 @@ def finetune(
         L.apply_lora(trunk, lora_cfg, freeze=True)
     if tune.task == "classify":
         stages = [dataclasses.replace(s, layers=tuple(dict.fromkeys((*s.layers, "head")))) for s in stages]
+    ever_trained: set[str] = set()
     for stage in stages:  # every stage's layers exist before the first one trains (no half-run on a typo)
         select_trainable(model, stage.layers, f"{tune.stages or 'finetune'}: stage {stage.name!r}")
+        ever_trained |= {n for n, p in model.named_parameters() if p.requires_grad}
 
-    # --- EWC: hold what the previous task relied on ---
-    fisher_prev = None
+    # --- EWC: hold what the previous task relied on, anchored at the weights this run starts from ---
+    penalty = None
     if tune.ewc_lambda:
-        from deepsail.tune.ewc import load_fisher
+        from deepsail.tune.ewc import EWCPenalty, load_fisher
 
-        fisher_prev = load_fisher(base_dir)
+        prefix = "trunk." if trunk is not model else ""
+        trainable = {n.removeprefix(prefix) for n in ever_trained}
+        penalty = EWCPenalty(trunk, load_fisher(base_dir), tune.ewc_lambda, trainable)
 
     def loss_with_ewc(penalty: Callable[[], torch.Tensor] | None) -> Callable:
         if penalty is None:
@@ -364,18 +408,17 @@ def finetune(
         if resume and summary.is_file():  # finished before the interruption: load its final weights, move on
             from deepsail.train.checkpoint import latest_checkpoint
 
-            load_tuned(model, latest_checkpoint(stage_out / "checkpoints"))
+            done_ckpt = latest_checkpoint(stage_out / "checkpoints")
+            check_same_tuning(done_ckpt, tune)
+            load_tuned(model, done_ckpt)
+            restore_data_and_rng(done_ckpt, batches)  # the next stage goes on from where this one ended
             results.append({"stage": stage.name, **json.loads(summary.read_text())})
             console.print(f"stage {stage.name}: already done ({summary})")
             continue
         start = check_resumable(stage_cfg, resume and (stage_out / "checkpoints").is_dir(), console)
         if start is not None:
+            check_same_tuning(start, tune)
             load_tuned(model, start)
-        penalty = None
-        if fisher_prev is not None:
-            from deepsail.tune.ewc import EWCPenalty
-
-            penalty = EWCPenalty(trunk, fisher_prev, tune.ewc_lambda)
         console.print(
             f"stage {k}/{len(stages)} {stage.name}: layers {list(stage.layers)}, lr {stage.lr:g}, {steps} steps "
             f"({n_trainable / 1e6:.3f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)"
@@ -408,10 +451,11 @@ def finetune(
     if tune.ewc_batches:
         from deepsail.tune.ewc import fisher_diagonal
 
+        prefix = "trunk." if trunk is not model else ""
         names = {n for n in touched if not L.is_lora_param(n)}
-        names |= {f"{n}.weight" for n, m in L.lora_layers(trunk).items() if isinstance(m, L.LoraLinear)}
+        names |= {f"{prefix}{n}.weight" for n, m in L.lora_layers(trunk).items() if isinstance(m, L.LoraLinear)}
         names |= {
-            f"{n}.{w}"
+            f"{prefix}{n}.{w}"
             for n, m in L.lora_layers(trunk).items()
             if isinstance(m, L.LoraExperts)
             for w in ("gate_up_proj", "down_proj")

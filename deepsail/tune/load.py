@@ -33,7 +33,11 @@ def from_pretrained(
 
     path = Path(path)
     tuned = None
-    if adapter is None and (path / TUNED).is_file() and (path / BASE_FILE).is_file():
+    if (path / TUNED).is_file() and (path / BASE_FILE).is_file():
+        if adapter is not None:
+            raise ValueError(
+                f"{path} is a fine-tuning checkpoint: it brings its own adapter; load it without adapter=."
+            )
         tuned = path
         base = Path(_read_base(path))
         adapter = path if is_adapter_dir(path) else None
@@ -74,6 +78,13 @@ def load_tuned(model: nn.Module, checkpoint: Path, prefix: str = "") -> None:
     foreign = sorted(k for k in tensors if k.removeprefix(prefix) not in state and not k.startswith("score."))
     if foreign:
         raise ValueError(f"{checkpoint / TUNED} holds tensors this model lacks: {foreign[:5]} (another base?)")
+    wrong = [
+        f"{k}: saved {tuple(v.shape)}, model {tuple(state[k].shape)}"
+        for k, v in picked.items()
+        if v.shape != state[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{checkpoint / TUNED} does not fit this model (other LoRA rank or targets?): {wrong[:4]}")
     with torch.no_grad():
         for k, v in picked.items():
             state[k].copy_(v)

@@ -101,10 +101,9 @@ def select_trainable(model: nn.Module, layers: tuple[int | str, ...], where: str
             if not chosen:
                 raise ValueError(f'{where}: layers names "lora" but the model has no LoRA adapter; pass --lora-r.')
             selected += chosen
-        elif item == "head":
-            selected += [
-                p for n, p in params.items() if n.startswith((f"{prefix}lm_head.", f"{prefix}norm.", "score."))
-            ]
+        elif item == "head":  # by identity: a tied head's only name is embed_tokens.weight
+            selected += [trunk.lm_head.weight, *trunk.norm.parameters()]
+            selected += [p for n, p in params.items() if n.startswith("score.")]
         elif item == "embeddings":
             selected += [p for n, p in params.items() if n.startswith(f"{prefix}embed_tokens.")]
         else:
