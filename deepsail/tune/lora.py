@@ -666,14 +666,19 @@ class MultiLoraLinear(nn.Module):
         return y
 
     def effective_weight(self) -> torch.Tensor:
-        rows = self.adapters.rows
-        if rows is None or not any(self.pairs[k] is not None for k in set(rows.tolist())):
+        """[out, in] when every row uses the same adapter (the common case); else one merged matrix per row,
+        [B, out, in]: B copies of this layer's weight (MLA's kv_b_proj is small, 1/60 of a V3 layer; a low-rank
+        correction inside the absorbed attention would avoid the copies)."""
+        rows = self.adapters.row_list
+        if not rows or all(self.pairs[k] is None for k in set(rows)):
             return self.weight
-        for k in set(rows.tolist()):
-            if k not in self._merged:
+        for k in set(rows):
+            if k not in self._merged:  # adapters are frozen while served: merge each once
                 pair = self.pairs[k]
                 self._merged[k] = self.weight if pair is None else self.weight + (pair[1] @ pair[0])
-        return torch.stack([self._merged[k] for k in rows.tolist()])
+        if len(set(rows)) == 1:
+            return self._merged[rows[0]]
+        return torch.stack([self._merged[k] for k in rows])
 
 
 class AdapterSet:
@@ -688,6 +693,7 @@ class AdapterSet:
         self.names: list[str] = []
         self.paths: dict[str, str] = {}
         self.rows: torch.Tensor | None = None
+        self.row_list: list[int] = []  # the same on the host: no device sync per layer
         self.groups: list[tuple[int, torch.Tensor | None]] = []
         per_adapter: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         modules = dict(model.named_modules())
@@ -733,11 +739,11 @@ class AdapterSet:
         else:
             per_token = rows.repeat_interleave(T)
             self.groups = [(k, (per_token == k).nonzero().squeeze(1)) for k in kinds if k]
-        self.rows = rows
+        self.rows, self.row_list = rows, list(adapter_per_row)
         try:
             yield
         finally:
-            self.groups, self.rows = [], None
+            self.groups, self.rows, self.row_list = [], None, []
 
 
 def lora_config_dict(cfg: LoraConfig) -> dict[str, Any]:
