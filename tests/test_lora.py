@@ -24,19 +24,13 @@ from deepsail.tune.lora import (
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+from test_model_parity import MLA  # noqa: E402  (after the importorskips, like the module it comes from)
+
 TOL = 1e-4
 
-V3 = dict(
-    hidden_size=64,
-    intermediate_size=96,
+V3 = dict(  # the parity suite's MLA shape, two layers, the second one MoE with a shared expert
+    MLA,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=211,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    max_position_embeddings=256,
     q_lora_rank=24,
     n_routed_experts=4,
     n_shared_experts=1,
