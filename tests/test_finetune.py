@@ -20,7 +20,7 @@ from deepsail.infer import Engine, EngineConfig, SamplingParams
 from deepsail.model import IGNORE_INDEX
 from deepsail.train import TrainConfig
 from deepsail.tune.data import chat_examples, class_examples
-from deepsail.tune.finetune import TuneConfig, finetune
+from deepsail.tune.finetune import TuneConfig, finetune, tuned_lm_loss
 from deepsail.tune.lora import AdapterSet, LoraConfig, apply_lora
 from deepsail.tune.stages import read_stages
 
@@ -63,6 +63,11 @@ def test_sft_mask_is_exactly_the_assistant_tokens(tiny_model_dir):
     full = x + [want[-1]]
     for t in range(len(y)):  # and each target is the next token, at its own position
         assert y[t] in (IGNORE_INDEX, full[t + 1])
+    # the loss runs the head on target positions only, and equals the full-logits cross-entropy
+    model = ds.from_pretrained(tiny_model_dir)
+    x_BT, y_BT = torch.tensor([x]), torch.tensor([y])
+    full = torch.nn.functional.cross_entropy(model(x_BT).logits[0].float(), y_BT[0], ignore_index=IGNORE_INDEX)
+    assert abs(tuned_lm_loss(model, (x_BT, y_BT))["loss"].item() - full.item()) < 1e-5
     with pytest.raises(ValueError, match="no assistant turn"):
         chat_examples([{"messages": [{"role": "user", "content": "Hi"}]}], tok, 256)
     with pytest.raises(ValueError, match="message 0 must be"):

@@ -179,8 +179,10 @@ def tuned_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
     if any(p.requires_grad for p in model.mtp.parameters()):
         return next_token_loss(model, batch)
     x_BT, y_BT = batch
-    logits = model(x_BT).logits
-    return {"loss": F.cross_entropy(logits.flatten(0, 1).float(), y_BT.flatten(), ignore_index=IGNORE_INDEX)}
+    # The head runs on target positions only: an SFT prompt's tokens never reach it (nor its fp32 logits memory).
+    hidden = model(x_BT, last_logits_only=True, return_hidden=True).hidden
+    keep = y_BT != IGNORE_INDEX
+    return {"loss": F.cross_entropy(model.logits_of(hidden[keep]).float(), y_BT[keep])}
 
 
 # --- checkpoints: only what trains ---------------------------------------------------------------------------------
