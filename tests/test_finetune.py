@@ -64,7 +64,7 @@ def test_sft_mask_is_exactly_the_assistant_tokens(tiny_model_dir):
     for t in range(len(y)):  # and each target is the next token, at its own position
         assert y[t] in (IGNORE_INDEX, full[t + 1])
     # the loss runs the head on target positions only, and equals the full-logits cross-entropy
-    model = ds.from_pretrained(tiny_model_dir)
+    model = ds.from_pretrained(tiny_model_dir).requires_grad_(False)  # frozen MTP: no MTP term in the loss
     x_BT, y_BT = torch.tensor([x]), torch.tensor([y])
     full = torch.nn.functional.cross_entropy(model(x_BT).logits[0].float(), y_BT[0], ignore_index=IGNORE_INDEX)
     assert abs(tuned_lm_loss(model, (x_BT, y_BT))["loss"].item() - full.item()) < 1e-5
