@@ -3,6 +3,7 @@
     python benchmarks/lora_bench.py                          # both bases, fp32, batch 4x256, 3 rounds
     python benchmarks/lora_bench.py --precision bf16         # bf16 autocast on both sides
     python benchmarks/lora_bench.py --precision bf16 --base-dtype bf16   # + the frozen base stored in bf16
+    python benchmarks/lora_bench.py --precision bf16 --compile --base llama --rounds 1   # torch.compile, both sides
     python benchmarks/lora_bench.py --base llama --steps 2 --rounds 1 --batch 2 --seq 64   # smoke test
     python benchmarks/lora_bench.py --profile                # + the top ops of one step, each side, first round
 
@@ -197,6 +198,8 @@ def child(args: argparse.Namespace) -> None:
     with torch.no_grad(), amp:
         eval_loss = loss_of(args.child, model, ids).item()
     model.train()
+    # --compile: torch.compile on both sides, the compile itself inside the (unmeasured) warm-up steps
+    train_model = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(trainable, lr=LR, fused=True)
 
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
@@ -204,7 +207,7 @@ def child(args: argparse.Namespace) -> None:
     def step(record: bool = False) -> None:
         t0 = time.perf_counter()
         with amp:
-            loss = loss_of(args.child, model, ids)
+            loss = loss_of(args.child, train_model, ids)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -282,6 +285,7 @@ def run_child(args: argparse.Namespace, side: str, base: str, folder: Path, voca
         *("--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)),
         *("--warmup", str(args.warmup), "--precision", args.precision, "--allocator", args.allocator),
         *("--base-dtype", args.base_dtype),
+        *(["--compile"] if args.compile else []),
         *("--seed", str(args.seed), "--threads", str(args.threads), "--dropout", str(args.dropout)),
         *(["--profile"] if args.profile else []),
     ]
@@ -312,6 +316,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each side (0: torch's default)")
     parser.add_argument("--allocator", choices=("keep", "default"), default="keep", help="glibc setting, both sides")
     parser.add_argument("--profile", action="store_true", help="top ops of one step per side (first round)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step, both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
