@@ -21,6 +21,7 @@ from deepsail.model import IGNORE_INDEX
 from deepsail.train import TrainConfig
 from deepsail.tune.data import chat_examples, class_examples
 from deepsail.tune.finetune import TuneConfig, finetune, tuned_lm_loss
+from deepsail.tune.heads import load_head
 from deepsail.tune.lora import AdapterSet, LoraConfig, apply_lora
 from deepsail.tune.stages import read_stages
 
@@ -174,9 +175,12 @@ def test_classify_reports_beside_bag_of_words(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "bag-of-words logistic regression" in report and "macro-F1" in report
     assert json.loads((out / "model/classifier.json").read_text())["labels"] == ["neg", "pos"]
+    tok = Tokenizer.load(tiny_model_dir)
+    clf = load_head(ds.from_pretrained(out / "model"), out / "model")  # the saved classifier loads back whole
+    ids = torch.tensor([tok.encode("good good day")])
+    assert clf.labels == ["neg", "pos"] and clf(ids, torch.tensor([ids.shape[1]])).shape == (1, 2)
     fisher = load_file(str(out / "model/fisher.safetensors"))  # the adapted trunk weights, not just the head
     assert "score.weight" in fisher and any(k.startswith("layers.") and k.endswith("q_a_proj.weight") for k in fisher)
-    tok = Tokenizer.load(tiny_model_dir)
     with pytest.raises(ValueError, match=r"record 0 .*label 'pos' is not one of --labels \['neg', 'maybe'\]"):
         class_examples(rows, tok, 64, ["neg", "maybe"])
 

@@ -127,7 +127,7 @@ def submit(
     handles: list[Any] = []
     try:
         for ids, params in jobs:
-            handles.append(served.engine.submit(ids, params, adapter) if adapter else served.engine.submit(ids, params))
+            handles.append(served.engine.submit(ids, params, adapter))
     except EngineClosed as e:
         for h in handles:
             h.cancel()

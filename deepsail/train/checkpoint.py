@@ -242,8 +242,8 @@ def load_checkpoint(
     The model itself is `deepsail.model.from_pretrained(path)`: build the optimizer on it, then call this.
     """
     device = optimizer.param_groups[0]["params"][0].device
-    optimizer.load_state_dict(_load_pt(path / "optimizer.pt", device))
-    state = _load_pt(path / "state.pt", "cpu")
+    optimizer.load_state_dict(load_pt(path / "optimizer.pt", device))
+    state = load_pt(path / "state.pt", "cpu")
     loader.load_state_dict(state["loader"])
     if state["scaler"]:  # empty when saved without fp16; a resume may switch precision
         scaler.load_state_dict(state["scaler"])
@@ -251,7 +251,7 @@ def load_checkpoint(
     return read_trainer_state(path)
 
 
-def _load_pt(file: Path, device: Any) -> Any:
+def load_pt(file: Path, device: Any) -> Any:
     """torch.load of tensors and plain containers only (never arbitrary objects), a damaged file named."""
     try:
         return torch.load(file, map_location=device, weights_only=True)

@@ -219,9 +219,9 @@ def _norm(v: Any) -> Any:
 
 
 def restore_data_and_rng(checkpoint: Path, batches: Any) -> None:
-    from deepsail.train.checkpoint import _load_pt, set_rng_state
+    from deepsail.train.checkpoint import load_pt, set_rng_state
 
-    state = _load_pt(checkpoint / "state.pt", "cpu")
+    state = load_pt(checkpoint / "state.pt", "cpu")
     batches.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
 

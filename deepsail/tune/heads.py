@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepsail.files import atomic_dir
-
 CLASSIFIER_CONFIG = "classifier.json"
 SCORE_WEIGHTS = "score.safetensors"
 
@@ -134,13 +132,3 @@ def bag_of_words_baseline(
         logits = x_val @ w + b
         loss = F.cross_entropy(logits, y_val).item()
     return {"loss": loss, **scores(logits.argmax(-1).tolist(), y_val.tolist(), n_classes)}
-
-
-def save_classifier(model: SequenceClassifier, path: str | Path, tokenizer=None) -> Path:
-    """The whole classifier as one folder: trunk (merged HF weights) + head + tokenizer, written atomically."""
-    with atomic_dir(path) as tmp:
-        model.trunk.save_pretrained(tmp)
-        model.save_head(tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(path)

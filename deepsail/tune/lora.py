@@ -323,10 +323,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear | LoraExperts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear | LoraExperts)}
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if is_lora_param(n)]
-
-
 def is_lora_param(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in ("lora_A", "lora_B", "gate_up_A", "gate_up_B", "down_A", "down_B")
