@@ -31,10 +31,24 @@ class AttentionContext:
     read_slots: torch.Tensor | None = None  # [B, L] pool slot of every key position (0 where masked)
     mask: torch.Tensor | None = None  # [B, 1, T, L] True where a query may attend a key
     fresh: bool = True  # no row has cached tokens: plain causal attention over the new tokens
+    # Instead of the paged cache, a contiguous past per layer ([B, P, ...] tensors, as an exported graph takes
+    # them): the layer's entries for the new tokens are appended and the result is its `present`.
+    past: list[tuple[torch.Tensor, ...]] | None = None
+    present: list[tuple[torch.Tensor, ...]] | None = None
 
     def write(self, store: torch.Tensor, entries_BT: torch.Tensor) -> None:
         flat = entries_BT.reshape(-1, *entries_BT.shape[2:])
         store.index_copy_(0, self.write_slots, flat.index_select(0, self.write_rows).to(store.dtype))
+
+    def history(self, layer: int, *new_BT: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every entry the new queries may attend to, [B, L, ...] per store: gathered from the paged pool (the new
+        entries were written there first), or the contiguous past followed by the new entries."""
+        if self.past is None:
+            pool = self.cache.pool
+            return tuple(store[layer][self.read_slots] for store in (pool.k, pool.v)[: len(new_BT)])
+        full = tuple(torch.cat((p, n.to(p.dtype)), dim=1) for p, n in zip(self.past[layer], new_BT))
+        self.present[layer] = full
+        return full
 
 
 class GroupedQueryAttention(nn.Module):
@@ -65,8 +79,9 @@ class GroupedQueryAttention(nn.Module):
         if ctx.fresh:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            k = pool.k[self.layer_idx][ctx.read_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, hd]
-            v = pool.v[self.layer_idx][ctx.read_slots].transpose(1, 2).to(q.dtype)
+            k, v = (
+                e.transpose(1, 2).to(q.dtype) for e in ctx.history(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
+            )
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -105,8 +120,9 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         q_rope = apply_rope(q_rope, ctx.cos, ctx.sin, self.interleave)
         k_rope = apply_rope(k_rope[:, None], ctx.cos, ctx.sin, self.interleave)  # [B, 1, T, rope]
+        entries = torch.cat((c_kv, k_rope[:, 0]), dim=-1)  # what the cache keeps per token: [B, T, r + rope]
         if ctx.cache is not None:
-            ctx.write(ctx.cache.pool.k[self.layer_idx], torch.cat((c_kv, k_rope[:, 0]), dim=-1))
+            ctx.write(ctx.cache.pool.k[self.layer_idx], entries)
 
         if ctx.fresh:  # expanded path: per-head keys/values from the latent of the new tokens
             k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.v_dim], -1)
@@ -119,7 +135,8 @@ class MultiHeadLatentAttention(nn.Module):
                 q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True, scale=self.scale
             )[..., : self.v_dim]
         else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
-            latent = ctx.cache.pool.k[self.layer_idx][ctx.read_slots].to(q.dtype)  # [B, L, r + rope]
+            (latent,) = ctx.history(self.layer_idx, entries)  # [B, L, r + rope]
+            latent = latent.to(q.dtype)
             w = self.kv_b_proj.effective_weight()  # [H·(nope+v), r], or [B, H·(nope+v), r] with per-row adapters
             w_kv_b = w.view(*w.shape[:-2], H, self.nope_dim + self.v_dim, r).to(q.dtype)
             # matmul broadcasting over heads rather than einsum: same bmm, without einsum's per-call planning

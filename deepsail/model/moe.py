@@ -92,14 +92,37 @@ class Experts(nn.Module):
             h = F.grouped_mm(x_sorted, w_gate_up.transpose(1, 2), offs=offsets)
             gate, up = h.chunk(2, dim=-1)
             return F.grouped_mm((F.silu(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)
-        # Fallback: one matmul per expert over its contiguous rows (a loop over experts, never over tokens).
-        out, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                gate, up = linear(x_sorted[start : start + n], w_gate_up[e]).chunk(2, dim=-1)
-                out.append(linear(F.silu(gate) * up, w_down[e]))
-            start += n
-        return torch.cat(out) if out else x_sorted.new_zeros(0, w_down.shape[1])
+        return _expert_loop(x_sorted, counts, w_gate_up, w_down)
+
+
+# The loop's slice sizes are the routing's counts: traced, every new count would be a recompile (torch.compile
+# recompiled per step at fp32 until this ran eager), so compiled callers run it as it is, between their graphs.
+@torch.compiler.disable
+def _expert_loop(
+    x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """One matmul per expert over its contiguous rows (a loop over experts, never over tokens)."""
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            gate, up = linear(x_sorted[start : start + n], w_gate_up[e]).chunk(2, dim=-1)
+            out.append(linear(F.silu(gate) * up, w_down[e]))
+        start += n
+    return torch.cat(out) if out else x_sorted.new_zeros(0, w_down.shape[1])
+
+    def dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, combined by the gate weights (zero off each token's top-k): the same sum as
+        the grouped route with no shape that depends on the routing, which a static graph (torch.export, ONNX)
+        cannot size. Costs E/K times the routed experts' FLOPs, so only exported graphs take it."""
+        combine_EN = (
+            torch.zeros(x_ND.shape[0], self.gate_up_proj.shape[0], device=x_ND.device)
+            .scatter(1, ids_NK, weights_NK.float())
+            .t()
+        )
+        h_ENH = torch.matmul(x_ND, self.gate_up_proj.to(x_ND.dtype).transpose(1, 2))
+        gate, up = h_ENH.chunk(2, dim=-1)
+        y_END = torch.matmul(F.silu(gate) * up, self.down_proj.to(x_ND.dtype).transpose(1, 2))
+        return (y_END * combine_EN[..., None].to(y_END.dtype)).sum(0)
 
 
 class MoE(nn.Module):
@@ -122,18 +145,22 @@ class MoE(nn.Module):
         x = x_BTD.reshape(-1, D)
         scores, ids, weights = self.gate(x)
 
-        # Group (token, expert) pairs by expert: a stable sort keeps each expert's tokens in order.
-        flat_ids = ids.view(-1)
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.n_experts)
-        token_of = order // self.top_k
-        y = self.experts(x.index_select(0, token_of), counts)
-        y = y * weights.view(-1, 1).index_select(0, order).to(y.dtype)
-        out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_of, y)
+        counts = None
+        if torch.compiler.is_exporting():  # a static graph: no shape may depend on the routing (Experts.dense)
+            out = self.experts.dense(x, ids, weights)
+        else:
+            # Group (token, expert) pairs by expert: a stable sort keeps each expert's tokens in order.
+            flat_ids = ids.view(-1)
+            order = flat_ids.argsort(stable=True)
+            counts = torch.bincount(flat_ids, minlength=self.n_experts)
+            token_of = order // self.top_k
+            y = self.experts(x.index_select(0, token_of), counts)
+            y = y * weights.view(-1, 1).index_select(0, order).to(y.dtype)
+            out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_of, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
-        if self.training:
+        if self.training and counts is not None:
             with torch.no_grad():
                 self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
             self.aux_loss = (

@@ -32,6 +32,7 @@ class ModelOutput:
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths
     aux_loss: torch.Tensor | None = None  # sum over MoE layers (already weighted by aux_loss_alpha)
     hidden: torch.Tensor | None = None  # [B, T, D] last block's output before the final norm (what MTP consumes)
+    present: list[tuple[torch.Tensor, ...]] | None = None  # with `past`: each layer's past + the new entries
 
 
 class Block(nn.Module):
@@ -121,16 +122,27 @@ class Transformer(HFCheckpoint, nn.Module):
         input_lens: torch.Tensor | None = None,
         last_logits_only: bool = False,
         return_hidden: bool = False,
+        past: list[tuple[torch.Tensor, ...]] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T]. With `labels` ([B, T], -100 = ignore) the output carries the training losses.
 
         With a `cache`, row b's first `input_lens[b]` tokens (default all T; the rest is right padding) are appended
         after its `cache.lens[b]` cached tokens and the cache advances. `last_logits_only` returns each row's logits
         at its last real token only — all a sampler needs.
+
+        Instead of a cache, `past` holds each layer's earlier entries as contiguous tensors — `(latent [B, P, r +
+        rope],)` for MLA, `(keys, values)` each [B, P, kv_heads, head_dim] otherwise; `new_past(B)` makes empty
+        ones — and the output's `present` the same with the new tokens appended: the stateless form an exported
+        graph (ONNX, torch.export) takes. `attention_mask` [B, P + T] (1 = real token, 0 = padding, e.g. a left-padded
+        batch) then says which entries count; positions are counted over the real tokens.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
-        ctx = self._context(B, T, input_ids.device, cache, input_lens)
+        if past is not None:
+            ctx = self._past_context(B, T, past, attention_mask)
+        else:
+            ctx = self._context(B, T, input_ids.device, cache, input_lens)
         for block in self.layers:
             x = block(x, ctx)
         hidden = x
@@ -138,7 +150,7 @@ class Transformer(HFCheckpoint, nn.Module):
             last = (input_lens - 1) if input_lens is not None else torch.full((B,), T - 1, device=x.device)
             x = x[torch.arange(B, device=x.device), last][:, None]
         logits = self.logits_of(x)
-        out = ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
+        out = ModelOutput(logits=logits, hidden=hidden if return_hidden else None, present=ctx.present)
         if cache is not None:
             cache.lens += input_lens if input_lens is not None else T
         if labels is not None:
@@ -187,6 +199,36 @@ class Transformer(HFCheckpoint, nn.Module):
             # Query (b, t) at position lens_b + t sees keys at positions <= its own, within the row's length.
             ctx.mask = ((keys[None, None] <= positions[..., None]) & (keys[None, None] < total[:, None, None]))[:, None]
         return ctx
+
+    def _past_context(
+        self, B: int, T: int, past: list[tuple[torch.Tensor, ...]], attention_mask: torch.Tensor | None
+    ) -> AttentionContext:
+        if len(past) != self.config.num_hidden_layers:
+            raise ValueError(f"past holds {len(past)} layers; this model has {self.config.num_hidden_layers}")
+        P, device = past[0][0].shape[1], past[0][0].device
+        offsets = torch.arange(T, device=device)
+        keys = torch.arange(P + T, device=device)
+        causal = keys[None, None] <= (P + offsets)[None, :, None]  # [1, T, P + T]
+        if attention_mask is None:
+            positions, mask = (P + offsets)[None].expand(B, T), causal.expand(B, T, P + T)
+        else:
+            real = attention_mask.to(torch.bool)
+            # A left-padded row's first real token is position 0; padding keeps position 0 and is never attended.
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+            # A padding query still attends to itself, so no row of the mask is all False (SDPA would give NaN).
+            mask = (causal & real[:, None]) | (keys[None, None] == (P + offsets)[None, :, None])
+        cos, sin = self.rotary(positions)
+        return AttentionContext(cos, sin, mask=mask[:, None], fresh=False, past=past, present=[()] * len(past))
+
+    def new_past(self, batch_size: int, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """Empty contiguous past entries (P = 0) for `forward(..., past=)`, one tuple per layer."""
+        c, p = self.config, self.embed_tokens.weight
+        dtype = dtype or p.dtype
+        if c.attention_type == "mla":
+            shapes = [(batch_size, 0, c.kv_lora_rank + c.qk_rope_head_dim)]
+        else:
+            shapes = [(batch_size, 0, c.num_key_value_heads, c.head_dim)] * 2
+        return [tuple(torch.zeros(s, dtype=dtype, device=p.device) for s in shapes) for _ in range(c.num_hidden_layers)]
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Depth k sees h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1}, i.e. labels shifted k further."""
