@@ -442,6 +442,8 @@ def _rope_fix(module: str, config: ModelConfig, arch: str) -> Callable[[torch.Te
         heads = config.num_attention_heads if module == "self_attn.q_proj" else config.num_key_value_heads
         return lambda t: _halves_to_pairs(t.reshape(heads, config.head_dim, *t.shape[1:])).reshape(t.shape)
     if arch == "deepseek2" and not config.rope_interleave:
+        import torch
+
         nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
         if module in ("self_attn.q_proj", "self_attn.q_b_proj"):
 
