@@ -350,6 +350,34 @@ def test_deepseek2_metadata(models, exported):
     assert f[a + "attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
 
 
+@pytest.mark.parametrize(
+    "changes, groups",
+    [
+        (dict(n_routed_experts=0, n_shared_experts=0), None),  # dense: llama.cpp asserts no groups without experts
+        (dict(topk_group=4), (1, 1)),  # every group kept is no grouping; llama.cpp asserts used < count
+        (dict(topk_method="greedy", scoring_func="softmax", model_type="deepseek_v2"), (1, 1)),  # greedy: no groups
+    ],
+)
+def test_deepseek2_variants_metadata(tiny_model_dir, tmp_path, changes, groups):
+    folder = tmp_path / "variant"
+    torch.manual_seed(0)
+    config = ModelConfig.preset("deepseek-v3-debug").replace(**changes)
+    if config.model_type == "deepseek_v2":
+        config = config.replace(num_nextn_predict_layers=0, norm_topk_prob=False)
+    Transformer(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_model_dir / name, folder / name)
+    tensors, f = _read(export_gguf(folder, tmp_path / "v.gguf"))
+    got = (f.get("deepseek2.expert_group_count"), f.get("deepseek2.expert_group_used_count"))
+    assert got == (groups or (None, None))
+    if not config.is_moe:
+        assert f["deepseek2.leading_dense_block_count"] == config.num_hidden_layers
+        assert not any("exps" in n or "gate_inp" in n for n in tensors)
+    if config.scoring_func == "softmax":
+        assert f["deepseek2.expert_gating_func"] == gguf.ExpertGatingFuncType.SOFTMAX
+        assert not any("exp_probs_b" in n for n in tensors) and "deepseek2.expert_weights_norm" not in f
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gqa_metadata(models, exported, arch):
     from deepsail.model.hf import read_config

@@ -39,6 +39,7 @@ deepsail's decode gives the exact text back.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -125,16 +126,16 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
     for name, _, qtype, shape in plan:
         if _is_blocked(qtype):  # quantized (and bf16): gguf-py's uint8 rows, whose byte shape the writer converts
             byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-            writer.add_tensor_info(name, byte_shape, np.uint8, _prod(byte_shape), raw_dtype=qtype)
+            writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape), raw_dtype=qtype)
         else:
             dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
-            writer.add_tensor_info(name, shape, dtype, _prod(shape) * np.dtype(dtype).itemsize, raw_dtype=qtype)
+            writer.add_tensor_info(name, shape, dtype, math.prod(shape) * np.dtype(dtype).itemsize, raw_dtype=qtype)
     total, shared, experts, n_experts = writer.get_total_parameter_count()
     if total > 0:
         writer.add_size_label(gguf.size_label(total, shared, experts, n_experts))
 
     # Header, metadata and tensor table first, then one tensor at a time: each is converted and quantized just
-    # before it is written, so memory holds the model plus one tensor, never a second copy of the model.
+    # before it is written, so memory holds the model plus one tensor's copies, never a second copy of the model.
     with atomic_path(out) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
@@ -233,10 +234,12 @@ def _write_model_metadata(writer: Any, config: ModelConfig, arch: str, type: str
         writer.add_expert_count(c.n_routed_experts)
         writer.add_expert_used_count(c.num_experts_per_tok)
     if arch == "deepseek2":
-        # deepsail's greedy top-k ignores groups; llama.cpp groups whenever the count is > 1, so write 1 for it
-        grouped = c.topk_method != "greedy"
-        writer.add_expert_group_count(c.n_group if grouped else 1)
-        writer.add_expert_group_used_count(c.topk_group if grouped else 1)
+        if c.is_moe:
+            # llama.cpp groups whenever the count is > 1 and asserts used < count (and no groups without experts);
+            # deepsail's greedy top-k ignores groups and keeping every group is no grouping: both are written as 1
+            grouped = c.topk_method != "greedy" and c.topk_group < c.n_group
+            writer.add_expert_group_count(c.n_group if grouped else 1)
+            writer.add_expert_group_used_count(c.topk_group if grouped else 1)
         writer.add_expert_gating_func(
             gguf.ExpertGatingFuncType.SIGMOID if c.scoring_func == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
         )
@@ -492,13 +495,6 @@ def _tensor_type(name: str, shape: tuple[int, ...], type: str, tied: bool) -> An
 
 def _is_blocked(qtype: Any) -> bool:
     return qtype.name not in ("F32", "F16")
-
-
-def _prod(xs: Any) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
 
 
 # --- the CLI verb ----------------------------------------------------------------------------------------------------
