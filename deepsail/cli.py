@@ -8,6 +8,7 @@ import typer
 from deepsail.data.prepare import data_prepare
 from deepsail.data.tokenizer import tokenizer_train
 from deepsail.errors import cli_verb
+from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
 from deepsail.run import run
 from deepsail.serve.cli import serve_command
@@ -40,3 +41,4 @@ app.command("sft")(cli_verb(sft_command))
 app.command("generate")(cli_verb(generate_command))
 app.command("chat")(cli_verb(chat_command))
 app.command("serve")(cli_verb(serve_command))
+register_export(app, cli_verb)

@@ -337,7 +337,7 @@ def test_bad_checkpoints_get_errors_that_list_the_problem(tmp_path):
 
 def test_sharded_save_and_load(tmp_path):
     model = _model("deepseek-v3-debug")
-    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=200_000)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     back = ds.from_pretrained(tmp_path / "sharded")

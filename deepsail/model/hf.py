@@ -395,17 +395,36 @@ def hf_state_dict(
     return out
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20}
+_UNITS |= {"GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def shard_bytes(size: int | str) -> int:
+    """`max_shard_size` as transformers reads it: an int of bytes, or "2GB" (10^9), "500MB", "2GiB" (2^30)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not m or m.group(2) not in _UNITS:
+            raise ValueError(f"max_shard_size {size!r} is not a size like 2GB, 500MB, 2GiB or a number of bytes")
+        n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if n <= 0:
+        raise ValueError(f"max_shard_size must be positive; got {size!r}")
+    return n
+
+
 def save_hf(
     model: Any,
     path: str | Path,
     dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 << 30,
+    max_shard_size: int | str = "5GB",
     state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """config.json + model.safetensors (sharded with an index above `max_shard_bytes`), written atomically: the new
+    """config.json + model.safetensors (sharded with an index above `max_shard_size`), written atomically: the new
     folder replaces `path` only once complete, keeping the files of an existing `path` that are not weights or
     config (a tokenizer saved beside them, say). `state` replaces the model's own tensors (a LoRA-adapted model
     saves its merged weights this way)."""
+    max_shard_bytes = shard_bytes(max_shard_size)
     tensors = hf_state_dict(model, dtype, state)
     saved_dtype = dtype or model.embed_tokens.weight.dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -478,10 +497,11 @@ class HFCheckpoint:
         return model.eval()
 
     def save_pretrained(
-        self, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 << 30
+        self, path: str | Path, dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB"
     ) -> Path:
-        """config.json + model.safetensors that `transformers` and `ds.from_pretrained` load (see `save_hf`)."""
-        return save_hf(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        """config.json + model.safetensors that `transformers` and `ds.from_pretrained` load (see `save_hf`);
+        above `max_shard_size` ("2GB", as transformers takes it) shards + model.safetensors.index.json."""
+        return save_hf(self, path, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def _tensor_names(path: Path, config: ModelConfig) -> set[str]:

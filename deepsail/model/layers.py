@@ -74,7 +74,8 @@ def weight_major_applies(x: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a few fp32 rows on CPU outside autograd take the weight-major route where this
     machine's BLAS runs it faster (see `weight_major_wins`): decode reads every weight for 1-4 rows per step."""
-    if 0 < x.numel() <= SMALL_ROWS * weight.shape[1] and weight.dtype is torch.float32 and weight_major_applies(x):
+    # The size test last: traced (torch.export), it would become a guard on the batch and sequence dims.
+    if weight.dtype is torch.float32 and weight_major_applies(x) and 0 < x.numel() <= SMALL_ROWS * weight.shape[1]:
         if x.dim() == 2:
             return _weight_major(x, weight, bias)
         return _weight_major(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])

@@ -59,7 +59,7 @@ class Router(nn.Module):
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.shape[0] <= 2 * SMALL_ROWS and weight_major_applies(x):
+    if weight_major_applies(x) and x.shape[0] <= 2 * SMALL_ROWS:
         return False  # decode: a loop over the few chosen experts takes the fast few-row route of `linear`
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its fake kernel accepts bf16 only
         return False
@@ -94,6 +94,20 @@ class Experts(nn.Module):
             return F.grouped_mm((F.silu(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)
         return _expert_loop(x_sorted, counts, w_gate_up, w_down)
 
+    def dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, combined by the gate weights (zero off each token's top-k): the same sum as
+        the grouped route with no shape that depends on the routing, which a static graph (torch.export, ONNX)
+        cannot size. Costs E/K times the routed experts' FLOPs, so only exported graphs take it."""
+        combine_EN = (
+            torch.zeros(x_ND.shape[0], self.gate_up_proj.shape[0], device=x_ND.device)
+            .scatter(1, ids_NK, weights_NK.float())
+            .t()
+        )
+        h_ENH = torch.matmul(x_ND, self.gate_up_proj.to(x_ND.dtype).transpose(1, 2))
+        gate, up = h_ENH.chunk(2, dim=-1)
+        y_END = torch.matmul(F.silu(gate) * up, self.down_proj.to(x_ND.dtype).transpose(1, 2))
+        return (y_END * combine_EN[..., None].to(y_END.dtype)).sum(0)
+
 
 # The loop's slice sizes are the routing's counts: traced, every new count would be a recompile (torch.compile
 # recompiled per step at fp32 until this ran eager), so compiled callers run it as it is, between their graphs.
@@ -109,20 +123,6 @@ def _expert_loop(
             out.append(linear(F.silu(gate) * up, w_down[e]))
         start += n
     return torch.cat(out) if out else x_sorted.new_zeros(0, w_down.shape[1])
-
-    def dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, combined by the gate weights (zero off each token's top-k): the same sum as
-        the grouped route with no shape that depends on the routing, which a static graph (torch.export, ONNX)
-        cannot size. Costs E/K times the routed experts' FLOPs, so only exported graphs take it."""
-        combine_EN = (
-            torch.zeros(x_ND.shape[0], self.gate_up_proj.shape[0], device=x_ND.device)
-            .scatter(1, ids_NK, weights_NK.float())
-            .t()
-        )
-        h_ENH = torch.matmul(x_ND, self.gate_up_proj.to(x_ND.dtype).transpose(1, 2))
-        gate, up = h_ENH.chunk(2, dim=-1)
-        y_END = torch.matmul(F.silu(gate) * up, self.down_proj.to(x_ND.dtype).transpose(1, 2))
-        return (y_END * combine_EN[..., None].to(y_END.dtype)).sum(0)
 
 
 class MoE(nn.Module):

@@ -295,8 +295,8 @@ def _bind(model: nn.Module, cfg: LoraConfig) -> None:
     model.lora_config = cfg
     model.save_adapter = types.MethodType(save_adapter, model)
     model.save_pretrained = types.MethodType(
-        lambda self, path, dtype=None, max_shard_bytes=5 << 30: save_hf(
-            self, path, dtype, max_shard_bytes, state=merged_state_dict(self)
+        lambda self, path, dtype=None, max_shard_size="5GB": save_hf(
+            self, path, dtype, max_shard_size, state=merged_state_dict(self)
         ),
         model,
     )

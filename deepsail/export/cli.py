@@ -1,0 +1,139 @@
+"""`deepsail export onnx | gguf | pt2 | hf`: a trained model as files other runtimes load."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from deepsail.export.gguf import gguf_command
+from deepsail.precision import PRECISION_HELP
+
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A model folder (config.json + model.safetensors, e.g. RUN/model) or a training run folder (its "
+        "latest checkpoint).",
+        show_default=False,
+    ),
+]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _load_float(path: Path, dtype: str | None = "fp32") -> tuple[Any, Path]:
+    """(the model on CPU in `dtype` (None: the checkpoint's), the folder it came from); a quantized model is
+    refused: these formats take float weights (export the float model; GGUF quantizes itself: q8_0/q4_0)."""
+    import torch
+
+    from deepsail.train.checkpoint import resolve_checkpoint
+    from deepsail.tune.load import from_pretrained
+
+    folder = resolve_checkpoint(path)
+    model = from_pretrained(folder, dtype=dtype, device="cpu").eval()
+    ints = [k for k, t in model.state_dict().items() if not (t.is_floating_point() or t.dtype == torch.bool)]
+    if ints:
+        raise ValueError(
+            f"{folder} is a quantized model ({ints[0]} is {model.state_dict()[ints[0]].dtype}); export the float "
+            "model it came from (GGUF quantizes itself: --type q8_0 | q4_0)"
+        )
+    return model, folder
+
+
+def _done(what: Path, t0: float) -> None:
+    from rich.console import Console
+
+    size = sum(p.stat().st_size for p in ([what] if what.is_file() else what.rglob("*")) if p.is_file())
+    Console(stderr=True).print(f"wrote {what} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
+
+
+def onnx_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .onnx file to write.", show_default=False)],
+) -> None:
+    """One ONNX graph that prefills and decodes, for onnxruntime.
+
+    Past key/values in, present out (the MLA latent cache for DeepSeek models); fp32; batch, sequence and past
+    lengths dynamic; left padding through attention_mask.
+
+    \b
+    Examples:
+      deepsail export onnx runs/default --out model.onnx
+      python -c "from deepsail.export.onnx import OnnxGenerator as G; print(G('model.onnx').generate([[1, 2]], 8))"
+    """
+    from deepsail.export.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    m, _ = _load_float(model)
+    _done(export_onnx(m, out), t0)
+
+
+def pt2_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The program file to write.", show_default=False)],
+    batch: Annotated[int, typer.Option(help="Batch size to trace at (the saved batch dim stays dynamic).")] = 2,
+    seq_len: Annotated[int, typer.Option(help="Sequence length to trace at (stays dynamic too).")] = 16,
+) -> None:
+    """A torch.export program that torch alone runs: input_ids -> logits.
+
+    Batch and sequence dims dynamic; load with `ds.load(path)` or `torch.export.load(path).module()` — deepsail
+    need not be installed.
+
+    \b
+    Examples:
+      deepsail export pt2 runs/default --out optimized_model.ds
+      python -c "import torch; m = torch.export.load('optimized_model.ds').module(); print(m(torch.ones(1, 4).long()))"
+    """
+    from deepsail.export.pt2 import save_program
+
+    t0 = time.perf_counter()
+    m, _ = _load_float(model)
+    _done(save_program(m, out, (batch, seq_len)), t0)
+
+
+def hf_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HF model folder to write.", show_default=False)],
+    max_shard_size: Annotated[
+        str,
+        typer.Option(help="Shard the weights above this size (2GB, 500MB, 2GiB), with the index transformers reads."),
+    ] = "5GB",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP + "; auto = as the model was saved.")] = "auto",
+) -> None:
+    """An HF checkpoint (sharded safetensors + index) and its tokenizer, for transformers.
+
+    `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it; so does `ds.from_pretrained(DIR)`.
+
+    \b
+    Examples:
+      deepsail export hf runs/default --out hf/ --max-shard-size 2GB --precision bf16
+    """
+    from deepsail.files import atomic_write_bytes, check_folder
+    from deepsail.model.hf import shard_bytes
+    from deepsail.precision import parse_precision
+
+    t0 = time.perf_counter()
+    shard_bytes(max_shard_size)  # bad flags fail before the model loads
+    word = parse_precision(precision)
+    check_folder(out)
+    m, folder = _load_float(model, dtype=None if word == "auto" else word)
+    m.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer_home = Path(getattr(m, "name_or_path", folder))
+    for name in TOKENIZER_FILES:
+        where = next((w for w in (folder, tokenizer_home) if (w / name).is_file()), None)
+        if where is not None:
+            atomic_write_bytes(out / name, (where / name).read_bytes())
+    _done(out, t0)
+
+
+def register(app: typer.Typer, cli_verb: Any) -> None:
+    export_app = typer.Typer(
+        help="Export a model: ONNX (onnxruntime), GGUF (llama.cpp), a torch.export program, an HF checkpoint.",
+        no_args_is_help=True,
+    )
+    export_app.command("onnx")(cli_verb(onnx_command))
+    export_app.command("gguf")(cli_verb(gguf_command))
+    export_app.command("pt2")(cli_verb(pt2_command))
+    export_app.command("hf")(cli_verb(hf_command))
+    app.add_typer(export_app, name="export")
