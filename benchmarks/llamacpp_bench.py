@@ -236,6 +236,13 @@ def min_top2_gap(model: Transformer, ids: list[int], tokens: list[int]) -> float
     return float((top[:, 0] - top[:, 1]).min())
 
 
+def wait_until_quiet(minutes: float, below: float = 0.5) -> None:
+    deadline = time.time() + 60 * minutes
+    while os.getloadavg()[0] >= below and time.time() < deadline:
+        time.sleep(5)
+    print(f"  timing at load average {load_avg()}", flush=True)
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -291,6 +298,7 @@ def bench_model(llama_cpp: Any, name: str, folder: Path, files: Path, args: argp
             )
 
     # decode speed: the five take turns each round
+    wait_until_quiet(args.wait_quiet)
     ids = tok.encode(PROMPTS[0])
     sides = {("deepsail", "fp32"): fp32, ("deepsail", "bf16"): bf16} | {("llama.cpp", t): llms[t] for t in TYPES}
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in sides}
@@ -326,13 +334,14 @@ def bench_model(llama_cpp: Any, name: str, folder: Path, files: Path, args: argp
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, help="a trained deepseek-v3-style run folder (or model folder) instead")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per timed decode")
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=4096, help="random models: tokenizer vocabulary")
     ap.add_argument("--repack", action="store_true", help="let llama.cpp repack weights (its default; off here)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many minutes for load < 0.5")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

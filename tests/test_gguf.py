@@ -356,6 +356,7 @@ def test_deepseek2_metadata(models, exported):
         (dict(n_routed_experts=0, n_shared_experts=0), None),  # dense: llama.cpp asserts no groups without experts
         (dict(topk_group=4), (1, 1)),  # every group kept is no grouping; llama.cpp asserts used < count
         (dict(topk_method="greedy", scoring_func="softmax", model_type="deepseek_v2"), (1, 1)),  # greedy: no groups
+        (dict(q_lora_rank=0), (4, 2)),  # V2-Lite's direct q: the loader needs q_lora_rank = 0 said, below 26 layers
     ],
 )
 def test_deepseek2_variants_metadata(tiny_model_dir, tmp_path, changes, groups):
@@ -373,6 +374,8 @@ def test_deepseek2_variants_metadata(tiny_model_dir, tmp_path, changes, groups):
     if not config.is_moe:
         assert f["deepseek2.leading_dense_block_count"] == config.num_hidden_layers
         assert not any("exps" in n or "gate_inp" in n for n in tensors)
+    assert f["deepseek2.attention.q_lora_rank"] == config.q_lora_rank
+    assert ("blk.0.attn_q.weight" in tensors) == (config.q_lora_rank == 0)
     if config.scoring_func == "softmax":
         assert f["deepseek2.expert_gating_func"] == gguf.ExpertGatingFuncType.SOFTMAX
         assert not any("exp_probs_b" in n for n in tensors) and "deepseek2.expert_weights_norm" not in f
