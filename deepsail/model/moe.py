@@ -11,6 +11,9 @@ contiguous slice — a single grouped GEMM where torch has one for the device an
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,13 +112,26 @@ class Experts(nn.Module):
         return (y_END * combine_EN[..., None].to(y_END.dtype)).sum(0)
 
 
-# The loop's slice sizes are the routing's counts: traced, every new count would be a recompile (torch.compile
-# recompiled per step at fp32 until this ran eager), so compiled callers run it as it is, between their graphs.
-@torch.compiler.disable
 def _expert_loop(
     x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
     """One matmul per expert over its contiguous rows (a loop over experts, never over tokens)."""
+    if torch.compiler.is_compiling():
+        # The slice sizes are the routing's counts: traced, every new count was a recompile (torch.compile
+        # recompiled every step at fp32), so compiled callers run the loop as it is, between their graphs.
+        return _eager_expert_loop()(x_sorted, counts, w_gate_up, w_down)
+    return _loop_over_experts(x_sorted, counts, w_gate_up, w_down)
+
+
+@functools.cache
+def _eager_expert_loop() -> Any:
+    # Made on first use: torch.compiler.disable imports torch._dynamo, 1.5 s that `import deepsail` need not pay.
+    return torch.compiler.disable(_loop_over_experts)
+
+
+def _loop_over_experts(
+    x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     out, start = [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
