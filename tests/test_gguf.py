@@ -509,14 +509,28 @@ def test_bad_input_is_one_clear_value_error(tiny_model_dir, tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
-def test_what_llama_cpp_cannot_run_is_refused(tiny_model_dir, tmp_path):
-    folder = tmp_path / "freq2"
-    torch.manual_seed(0)
-    Transformer(ModelConfig.preset("deepseek-v3-debug").replace(moe_layer_freq=2)).save_pretrained(folder)
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)
+
+
+@pytest.mark.parametrize(
+    "preset, changes, message",
+    [
+        ("deepseek-v3-debug", dict(moe_layer_freq=2), "moe_layer_freq=2"),
+        ("deepseek-v3-debug", dict(n_shared_experts=0), "always runs a shared expert"),
+        ("deepseek-v3-debug", dict(rope_scaling=YARN), "YaRN with mscale=None"),  # deepsail: mscale(4) on rope
+        ("deepseek-v3-debug", dict(attention_bias=True), "no q_a/kv_a projection bias"),
+        ("qwen2-1.5b-debug", dict(head_dim=32), "head_dim x heads == hidden_size"),
+        ("llama-3-8b-debug", dict(rope_scaling=YARN | dict(mscale=1.0, mscale_all_dim=1.0)), "has no such keys"),
+    ],
+)
+def test_what_llama_cpp_would_run_differently_is_refused(tiny_model_dir, tmp_path, preset, changes, message):
+    folder = tmp_path / "odd"
+    Transformer(ModelConfig.preset(preset).replace(**changes)).save_pretrained(folder)
     for name in TOKENIZER_FILES:
         shutil.copy(tiny_model_dir / name, folder / name)
-    with pytest.raises(ValueError, match="moe_layer_freq=2"):
+    with pytest.raises(ValueError, match=message):
         export_gguf(folder, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_a_crash_leaves_no_half_file(tiny_model_dir, tmp_path, monkeypatch):

@@ -165,6 +165,14 @@ def _check_supported(config: ModelConfig, arch: str) -> None:
         raise ValueError(f"{config.model_type} -> llama.cpp {arch}: {why}")
 
     rope = config.rope_type
+    s = config.rope_scaling or {}
+    if rope == "yarn" and arch != "deepseek2" and {"mscale", "mscale_all_dim", "attention_factor"} & set(s):
+        # llama.cpp's llama/qwen2 take YaRN's magnitude as mscale(factor) on the rope dims, as deepsail does when
+        # these keys are absent
+        refuse(
+            f"YaRN with {sorted({'mscale', 'mscale_all_dim', 'attention_factor'} & set(s))}: llama.cpp's {arch} "
+            "has no such keys"
+        )
     if arch == "qwen2":
         if config.head_dim * config.num_attention_heads != config.hidden_size:
             refuse(
@@ -180,11 +188,11 @@ def _check_supported(config: ModelConfig, arch: str) -> None:
     if rope not in ("default", "yarn"):
         refuse(f"llama.cpp's deepseek2 has no {rope} rope scaling")
     if rope == "yarn":
-        # llama.cpp reads one YaRN magnitude, mscale_all_dim (as yarn_log_mul), and assumes mscale equals it (or 1
-        # when it is 1); deepsail, like HF, scales the rope dims by mscale/mscale_all_dim and q.k by mscale_all_dim².
-        s = config.rope_scaling
-        m_all, m = s.get("mscale_all_dim") or 0, s.get("mscale") or 1.0
-        if not m_all or (m != m_all and not (m_all == 1 and m == 1)) or s.get("attention_factor") is not None:
+        # llama.cpp reads one YaRN magnitude, mscale_all_dim (as yarn_log_mul), and assumes mscale equals it;
+        # deepsail, like HF, scales the rope dims by mscale/mscale_all_dim (mscale(factor) when either is missing)
+        # and q.k by mscale(factor, mscale_all_dim)². They agree when mscale == mscale_all_dim, as in V2 and V3.
+        m_all, m = s.get("mscale_all_dim") or 0, s.get("mscale")
+        if not m_all or m != m_all or s.get("attention_factor") is not None:
             refuse(
                 f"YaRN with mscale={s.get('mscale')}, mscale_all_dim={s.get('mscale_all_dim')}, attention_factor="
                 f"{s.get('attention_factor')}: llama.cpp computes the attention scale only for mscale == "
