@@ -5,6 +5,7 @@ becomes one `error: ...` line and exit code 1; a bug keeps its traceback."""
 
 import typer
 
+from deepsail.compress.cli import quantize_command
 from deepsail.data.prepare import data_prepare
 from deepsail.data.tokenizer import tokenizer_train
 from deepsail.errors import cli_verb
@@ -38,6 +39,7 @@ app.add_typer(data_app, name="data")
 app.command("pretrain")(cli_verb(pretrain_command))
 app.command("finetune")(cli_verb(finetune_command))
 app.command("sft")(cli_verb(sft_command))
+app.command("quantize")(cli_verb(quantize_command))
 app.command("generate")(cli_verb(generate_command))
 app.command("chat")(cli_verb(chat_command))
 app.command("serve")(cli_verb(serve_command))

@@ -4,7 +4,9 @@
 - the same plus `adapter=DIR`, a LoRA adapter in peft's format, applied unmerged;
 - an adapter folder alone: its `base_model_name_or_path` names the base (as peft's AutoPeftModel reads it);
 - a fine-tuning checkpoint (`tuned.safetensors` + `base.json`, see `finetune.py`): its base, its adapter, then the
-  weights that had trained when it was written (a staged run's top blocks, say).
+  weights that had trained when it was written (a staged run's top blocks, say);
+- a quantized folder (`deepsail quantize`, a QAT run's `RUN/quantized`): config.json's `quantization_config` says
+  so, and `compress.load_quantized` builds it. A LoRA adapter on a quantized base is not supported.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from deepsail.compress.quantize import load_quantized, quantization_config_of
 from deepsail.tune.lora import is_adapter_dir, load_adapter, read_adapter_config
 
 TUNED = "tuned.safetensors"  # a fine-tuning checkpoint's trained weights, deepsail names
@@ -51,7 +54,16 @@ def from_pretrained(
                 f"with from_pretrained(BASE, adapter={str(path)!r})."
             )
         path, adapter = Path(base), path
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    qc = quantization_config_of(path)
+    if qc is not None and adapter is not None:
+        raise ValueError(
+            f"{path} is quantized ({qc['method']}); LoRA adapters apply to float bases only: load the adapter with "
+            "the float model it was trained on (and quantize the merged model, if a quantized one is the goal)."
+        )
+    if qc is not None:
+        model = load_quantized(path, dtype=dtype, device=device)
+    else:
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     model.name_or_path = str(path.resolve())
     if adapter is not None:
         load_adapter(model, adapter)
