@@ -35,6 +35,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
+from deepsail.compress.qat import QAT_METHODS, apply_qat, convert_qat
+from deepsail.compress.quantize import QuantConfig, quantization_config_of, save_quantized
 from deepsail.files import atomic_dir, atomic_write_text
 from deepsail.flags import Options, knob, options
 from deepsail.precision import resolve_device, resolve_precision
@@ -74,6 +76,8 @@ class TuneConfig:
     ewc_batches: int = knob(
         8, "Batches for the Fisher information saved in RUN/model (for a later --ewc-lambda); 0 = none."
     )
+    qat: str = knob("", "Quantization-aware training: int8 | int4 (fake-quantized weights); also writes RUN/quantized.")
+    qat_group_size: int = knob(64, "--qat int4: weights per scale/zero group (32, 64 or 128).")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -82,10 +86,17 @@ class TuneConfig:
             raise ValueError("need --lora-r >= 0, --epochs > 0, 0 < --val-fraction < 1 and --ewc-batches >= 0.")
         if self.ewc_lambda < 0:
             raise ValueError(f"--ewc-lambda must be >= 0, got {self.ewc_lambda}.")
+        if self.qat not in ("", *QAT_METHODS):
+            raise ValueError(f"--qat {self.qat!r}: choose one of {list(QAT_METHODS)}.")
+        if self.qat and (self.lora_r or self.task == "classify"):
+            raise ValueError("--qat trains the whole language model: drop --lora-r (or --task classify).")
         if len(self.lora_targets) == 1 and "," in self.lora_targets[0]:
             self.lora_targets = tuple(t.strip() for t in self.lora_targets[0].split(",") if t.strip())
         if len(self.labels) == 1 and "," in self.labels[0]:
             self.labels = tuple(t.strip() for t in self.labels[0].split(",") if t.strip())
+
+    def quant(self) -> QuantConfig | None:
+        return QuantConfig(method=self.qat, group_size=self.qat_group_size) if self.qat else None
 
     def lora(self) -> L.LoraConfig | None:
         if not self.lora_r:
@@ -131,6 +142,8 @@ def resolve_base(base: str | Path) -> tuple[Path, Any]:
 
 def load_base(folder: Path, device: torch.device) -> nn.Module:
     """The base model in fp32 master weights (autocast gives bf16 compute), any adapter it carries merged in."""
+    if quantization_config_of(folder) is not None:
+        raise ValueError(f"{folder} is quantized; fine-tune the float model (add --qat to train for quantization).")
     model = from_pretrained(folder, dtype="fp32", device=device)
     if L.lora_layers(model):
         L.remove_lora(model, merge=True)
@@ -205,7 +218,7 @@ def check_same_tuning(checkpoint: Path, tune: TuneConfig) -> None:
     except (OSError, ValueError):
         return  # nothing recorded to compare with; load_tuned still checks every shape
     now = dataclasses.asdict(tune)
-    keys = ("lora_r", "lora_alpha", "lora_targets", "lora_rslora", "lora_experts", "task", "stages", "labels")
+    keys = ("lora_r", "lora_alpha", "lora_targets", "lora_rslora", "lora_experts", "task", "stages", "labels", "qat")
     changed = {k: (saved[k], now[k]) for k in keys if k in saved and _norm(saved[k]) != _norm(now[k])}
     if changed:
         raise ValueError(
@@ -359,6 +372,8 @@ def finetune(
 
     if lora_cfg is not None:
         L.apply_lora(trunk, lora_cfg, freeze=True)
+    if tune.qat:
+        apply_qat(trunk, tune.quant())  # parameter names unchanged: checkpoints and resume are as without
     if tune.task == "classify":
         stages = [dataclasses.replace(s, layers=tuple(dict.fromkeys((*s.layers, "head")))) for s in stages]
     ever_trained: set[str] = set()
@@ -493,10 +508,17 @@ def finetune(
             tokenizer.save(tmp)
             if tune.task == "classify":
                 model.save_head(tmp)
+    quantized_dir = None
+    if tune.qat:  # RUN/model holds the trained float weights; RUN/quantized what the fake quantization computed
+        quantized_dir = out / "quantized"
+        save_quantized(convert_qat(trunk), quantized_dir, copy_from=model_dir)
     val = {k.removeprefix("val_"): v for k, v in results[-1].items() if k.startswith("val_")}
     report = write_report(out, tune, results, val, baseline, source, base_dir, adapter_dir)
     console.print(
-        f"model: {model_dir}" + (f" | adapter: {adapter_dir}" if adapter_dir else "") + f" | report: {report}"
+        f"model: {model_dir}"
+        + (f" | adapter: {adapter_dir}" if adapter_dir else "")
+        + (f" | quantized ({tune.qat}): {quantized_dir}" if quantized_dir else "")
+        + f" | report: {report}"
     )
     return FinetuneResult(
         str(out), str(model_dir), str(adapter_dir) if adapter_dir else None, results, val, baseline, str(report)
