@@ -204,13 +204,23 @@ def c_detokenize(llama_cpp: Any, llm: Any, ids: list[int]) -> str:
     return buf.raw[:n].decode("utf-8", "replace")
 
 
+def c_pieces(llama_cpp: Any, llm: Any, ids: list[int]) -> str:
+    """llama.cpp's token_to_piece per token, joined. (llama-cpp-python 0.3.36's own detokenize does this with a
+    32-byte buffer and garbles any longer token: it asserts n <= 32, but a too-small buffer returns n < 0.)"""
+    buf, pieces = ctypes.create_string_buffer(1024), []
+    for i in ids:
+        n = llama_cpp.llama_token_to_piece(llm._model.vocab, i, buf, 1024, 0, True)
+        pieces.append(buf.raw[:n])
+    return b"".join(pieces).decode("utf-8", "replace")
+
+
 def tokenization_check(llama_cpp: Any, llm: Any, tok: Tokenizer, texts: list[str]) -> dict[str, int]:
     """How many texts llama.cpp tokenizes to deepsail's ids, and detokenizes (both ways) to deepsail's text."""
     same = dict(texts=len(texts), ids=0, pieces=0, detokenize=0)
     for text in texts:
         ours = tok.encode(text)
         same["ids"] += ours == llm.tokenize(text.encode(), add_bos=False, special=True)
-        same["pieces"] += llm.detokenize(ours, special=True).decode("utf-8", "replace") == tok.decode(ours)
+        same["pieces"] += c_pieces(llama_cpp, llm, ours) == tok.decode(ours)
         same["detokenize"] += c_detokenize(llama_cpp, llm, ours) == tok.decode(ours)
     return same
 
