@@ -56,6 +56,8 @@ def test_kernel_matches_the_dequantized_product(method, shape):
     xb = torch.randn(9, shape[1]).bfloat16()[1:]
     assert rel(q(xb), F.linear(xb.float(), w, lin.bias)) < 0.03
     assert q(x[:0]).shape == (0, 5, shape[0])
+    long = torch.randn(300, shape[1])  # prefill: weight-only layers take the dequantize + bf16 GEMM route
+    assert rel(q(long), F.linear(long, w, lin.bias)) < (0.02 if method == "int8-dynamic" else 0.008)
 
 
 def test_int4_convention_is_the_kernels():

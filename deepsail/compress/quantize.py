@@ -79,7 +79,8 @@ class QuantConfig:
     group_size: int = knob(64, "int4 only: weights per scale/zero group, along the input dim (32, 64 or 128).")
     skip: tuple[str, ...] = knob(
         ("lm_head",),
-        "Layers kept float, by name or dotted prefix/suffix (lm_head, kv_b_proj, layers.0, mtp); repeat the flag.",
+        "Layers kept float, by name or dotted prefix/suffix (lm_head, kv_b_proj, layers.0, mtp; none: no layer); "
+        "repeat the flag.",
     )
 
     def __post_init__(self) -> None:
@@ -91,7 +92,7 @@ class QuantConfig:
             self.skip = (self.skip,)
         if len(self.skip) == 1 and "," in self.skip[0]:
             self.skip = tuple(s.strip() for s in self.skip[0].split(",") if s.strip())
-        self.skip = tuple(self.skip)
+        self.skip = tuple(s for s in self.skip if s not in ("none", ""))  # `--skip none`: quantize the head too
 
     @property
     def weight_method(self) -> str:
@@ -160,6 +161,15 @@ def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return t["weight"].float() * t["weight_scale"].float()[..., None]
 
 
+def dequantize_as(t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` computed in `dtype` (bf16: a pass or two over the codes, for the prefill route of `_run_for`)."""
+    if "weight_zero" in t:
+        q, scale, zero = unpack_nibbles(t["weight"]).to(dtype), t["weight_scale"], t["weight_zero"]
+        qg = q.unflatten(-1, (scale.shape[-1], q.shape[-1] // scale.shape[-1]))
+        return ((qg - 8) * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).flatten(-2)
+    return t["weight"].to(dtype) * t["weight_scale"].to(dtype)[..., None]
+
+
 def _empty(method: str, shape: tuple[int, ...], group_size: int, device: Any) -> dict[str, torch.Tensor]:
     *lead, n, k = shape
     if method == "int4":
@@ -176,6 +186,11 @@ def _empty(method: str, shape: tuple[int, ...], group_size: int, device: Any) ->
 
 # --- kernels ---------------------------------------------------------------------------------------------------------
 Run = Callable[[torch.Tensor], torch.Tensor]  # [M, in] -> [M, out]
+# From this many rows (prefill) a CPU weight-only layer dequantizes its weight to bf16 and runs bf16 F.linear: the
+# packed kernels cost ~10 us per row where the bf16 GEMM costs ~4. Crossovers measured on Zen 4: int8 at 32-128
+# rows ([1408x512] 128 rows: 2497 -> 1266 us; [8192x512] 256 rows: 17.9 -> 7.7 ms), int4 (whose unpacking costs
+# more) at 128-256 ([8192x512] 256 rows: 16.3 -> 10.7 ms; [512x256] 256 rows: even).
+PREFILL_ROWS = {"int8": 128, "int4": 256}
 
 
 @functools.cache
@@ -211,6 +226,8 @@ def _int4_cpu_run(t: dict[str, torch.Tensor], kdtype: torch.dtype) -> Run:
     scales_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(kdtype)  # [in/group, out, 2]
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= PREFILL_ROWS["int4"]:
+            return F.linear(x.to(kdtype), dequantize_as(t, kdtype)).to(x.dtype)
         y = torch._weight_int4pack_mm_for_cpu(x.to(kdtype).contiguous(), packed, group_size, scales_zeros)
         return (y[:, :n] if pad else y).to(x.dtype)
 
@@ -246,9 +263,12 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_run(t: dict[str, torch.Tensor], kdtype: torch.dtype) -> Run:
+    prefill = t["weight"].is_cpu
     w, scale = _aligned(t["weight"]), t["weight_scale"].to(kdtype)
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        if prefill and x.shape[0] >= PREFILL_ROWS["int8"]:
+            return F.linear(x.to(kdtype), dequantize_as(t, kdtype)).to(x.dtype)
         return torch._weight_int8pack_mm(_aligned(x.to(kdtype)), w, scale).to(x.dtype)
 
     return run
@@ -293,11 +313,19 @@ def _checked(fast: Run, t: dict[str, torch.Tensor], where: str) -> Run | None:
 def _run_for(t: dict[str, torch.Tensor], method: str, dtype: torch.dtype, where: str) -> Run:
     """The product of one stored weight for activations of `dtype` on the tensors' device.
 
-    CPU choices, measured on a 2-core Zen 4 (AVX512-BF16/VNNI), torch 2.13, deepseek-v3-small shapes; times per
-    call, see benchmarks/quant_bench.py --kernels for the whole table:
-    - the int8 and int4 weight-only kernels run 5-40x slower on fp32 activations than on bf16 ones (e.g. [512x1408]
-      int8, 1 row: 1173 us fp32 vs 34 us bf16): activations are cast to bf16 for them and the output cast back;
-    - TODO numbers.
+    CPU choices, measured on a 2-core Zen 4 (AVX512-BF16/VNNI), torch 2.13, torchao 0.18, deepseek-v3-small
+    shapes, us per call at 1 / 8 / 512 rows (`python benchmarks/quant_bench.py --kernels` prints the whole table):
+    - the int8/int4 weight-only kernels run 3-40x slower on fp32 activations than on bf16 ones (dense down
+      [512x1408]: int8 401 / 3294 / 230797 on fp32 x; 46 / 107 / 5527 here): activations are cast to bf16 for them
+      and the outputs back;
+    - decode, these direct calls vs fp32 `linear` vs torchao's `quantize_` on an nn.Linear (its fastest of an fp32
+      or a bf16 module): dense down int8 46 / 107 vs fp32 149 / 191 vs torchao 200 / 245; int4 (g64) 42 / 111 vs
+      torchao's CPU layout (PrototypeInt4WeightOnlyConfig) 70 / 138; lm_head [8192x512] int8 174 / 682, int4
+      159 / 573 vs fp32 757 / 3185 vs torchao 919 / 1305 and 193 / 639 — torchao runs the same ops behind a tensor
+      subclass, whose dispatch costs ~20-150 us a call, and feeds them fp32 activations in an fp32 model;
+    - prefill: the packed kernels lose to a bf16 GEMM (dense down 512 rows: int8 5527, bf16 F.linear 2257), so
+      from PREFILL_ROWS rows the weight is dequantized to bf16 for one F.linear (torchao's bf16 int8: 2808);
+    - dynamic int8 (`torch._int_mm`, VNNI): 1795 at 512 rows (fp32 5664, torchao's 3217), 59 / 115 at 1 / 8.
     """
     device = t["weight"].device
     fallback = _dequantized_run(t)
