@@ -250,7 +250,7 @@ def wait_until_quiet(minutes: float, below: float = 0.5) -> None:
     deadline = time.time() + 60 * minutes
     while os.getloadavg()[0] >= below and time.time() < deadline:
         time.sleep(5)
-    print(f"  timing at load average {load_avg()}", flush=True)
+    print(f"\ntiming at load average {load_avg()}", flush=True)
 
 
 def load_avg() -> str:
@@ -258,7 +258,7 @@ def load_avg() -> str:
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
-def bench_model(llama_cpp: Any, name: str, folder: Path, files: Path, args: argparse.Namespace) -> list[dict]:
+def check_model(llama_cpp: Any, name: str, folder: Path, files: Path, args: argparse.Namespace) -> dict:
     folder = resolve_checkpoint(folder)
     tok = Tokenizer.load(folder)
     fp32 = Transformer.from_pretrained(folder, dtype="fp32").eval()
@@ -290,54 +290,69 @@ def bench_model(llama_cpp: Any, name: str, folder: Path, files: Path, args: argp
     print(f"  chat template rendered by llama-cpp-python == deepsail's: {chat_check(llama_cpp, tok)}")
 
     new = args.greedy_tokens
-    for prompt in PROMPTS[:1]:
+    results: dict[str, list[tuple[int | None, float]]] = {t: [] for t in TYPES}
+    gaps = []
+    for prompt in PROMPTS:
         ids = tok.encode(prompt)
         ours = generate(fp32, tok, ids, max_tokens=new, temperature=0.0, ignore_eos=True)[0].token_ids
         with torch.no_grad():
             ref0 = fp32(torch.tensor([ids])).logits[0, -1].float().numpy()
-        gap = min_top2_gap(fp32, ids, ours)
+        gaps.append(min_top2_gap(fp32, ids, ours))
         for t in TYPES:
             theirs, first, _ = llama_greedy(llama_cpp, llms[t], ids, new)
-            div = first_divergence(ours, theirs)
-            print(
-                f"  greedy {new} tokens, llama.cpp {t} vs deepsail fp32: "
-                + ("identical" if div is None else f"first divergence at step {div} ({ours[div]} vs {theirs[div]})")
-                + f"; step-0 max |logit diff| {np.abs(first - ref0).max():.2e} (logits span {np.ptp(ref0):.2f})"
-                + (f"; deepsail's smallest top-1/top-2 gap {gap:.2e}" if t == "f16" else ""),
-                flush=True,
-            )
-
-    # decode speed: the five take turns each round
-    wait_until_quiet(args.wait_quiet)
-    ids = tok.encode(PROMPTS[0])
-    sides = {("deepsail", "fp32"): fp32, ("deepsail", "bf16"): bf16} | {("llama.cpp", t): llms[t] for t in TYPES}
-    rates: dict[tuple[str, str], list[float]] = {k: [] for k in sides}
-    for side, m in sides.items():  # warm-up
-        _ = deepsail_stream_times(m, tok, ids, 4) if side[0] == "deepsail" else llama_greedy(llama_cpp, m, ids, 4)
-    for _ in range(args.rounds):
-        for side, m in sides.items():
-            if side[0] == "deepsail":
-                times = deepsail_stream_times(m, tok, ids, args.new_tokens)[1]
-            else:
-                times = llama_greedy(llama_cpp, m, ids, args.new_tokens)[2]
-            rates[side].append(decode_rate(times))
-    base = statistics.median(rates["deepsail", "fp32"])
-    rows = []
-    for (side, weights), r in rates.items():
-        size = sizes.get(weights)
-        rows.append(
-            dict(
-                model=name,
-                side=side,
-                weights=weights,
-                tok_s=statistics.median(r),
-                spread=(min(r), max(r)),
-                ratio=statistics.median(r) / base,
-                size=size,
-            )
+            results[t].append((first_divergence(ours, theirs), float(np.abs(first - ref0).max() / np.ptp(ref0))))
+    for t, res in results.items():
+        same = sum(d is None for d, _ in res)
+        divs = ", ".join(f"prompt {i} at step {d}" for i, (d, _) in enumerate(res) if d is not None)
+        print(
+            f"  greedy {new} tokens, llama.cpp {t} vs deepsail fp32: identical on {same}/{len(res)} prompts"
+            + (f" (first divergence: {divs})" if divs else "")
+            + f"; step-0 max |logit diff| / logit span <= {max(e for _, e in res):.1e}"
+            + (f"; deepsail's smallest top-1/top-2 logit gap {min(gaps):.1e}" if t == "f16" else ""),
+            flush=True,
         )
-    for llm in llms.values():
-        llm.close()
+
+    return dict(
+        name=name,
+        tok=tok,
+        sides={("deepsail", "fp32"): fp32, ("deepsail", "bf16"): bf16} | {("llama.cpp", t): llms[t] for t in TYPES},
+        sizes=sizes,
+    )
+
+
+def time_models(llama_cpp: Any, prepared: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Decode tok/s: per round, every model's five sides take turns (so a noisy spell hits all of them)."""
+    rates = {(p["name"], side): [] for p in prepared for side in p["sides"]}
+
+    def run(p: dict, side: tuple[str, str], n: int) -> list[float]:
+        ids, m = p["tok"].encode(PROMPTS[0]), p["sides"][side]
+        if side[0] == "deepsail":
+            return deepsail_stream_times(m, p["tok"], ids, n)[1]
+        return llama_greedy(llama_cpp, m, ids, n)[2]
+
+    for p in prepared:  # warm-up
+        for side in p["sides"]:
+            run(p, side, 4)
+    for _ in range(args.rounds):
+        for p in prepared:
+            for side in p["sides"]:
+                rates[p["name"], side].append(decode_rate(run(p, side, args.new_tokens)))
+    rows = []
+    for p in prepared:
+        base = statistics.median(rates[p["name"], ("deepsail", "fp32")])
+        for side in p["sides"]:
+            r = rates[p["name"], side]
+            rows.append(
+                dict(
+                    model=p["name"],
+                    side=side[0],
+                    weights=side[1],
+                    tok_s=statistics.median(r),
+                    spread=(min(r), max(r)),
+                    ratio=statistics.median(r) / base,
+                    size=p["sizes"].get(side[1]),
+                )
+            )
     return rows
 
 
@@ -368,9 +383,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llamacpp_bench_") as tmp:
         tmp = Path(tmp)
         models = {"run": args.run} if args.run else build_random_models(tmp / "models", args.vocab)
-        rows = []
-        for name, folder in models.items():
-            rows += bench_model(llama_cpp, name, folder, tmp, args)
+        prepared = [check_model(llama_cpp, name, folder, tmp, args) for name, folder in models.items()]
+        wait_until_quiet(args.wait_quiet)
+        rows = time_models(llama_cpp, prepared, args)
 
     print(f"\nload average at the end: {load_avg()}")
     print(
