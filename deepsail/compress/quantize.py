@@ -542,10 +542,8 @@ def quantize(model: nn.Module, method: str | QuantConfig = "int8", **kw: Any) ->
     quantized folder. Returns the model."""
     cfg = method if isinstance(method, QuantConfig) else QuantConfig(method=method, **kw)
     if any(isinstance(m, QUANT_LAYERS) for m in model.modules()) or getattr(model, "quantization_config", None):
-        raise ValueError(
-            f"this model is already quantized ({model.quantization_config['method']}); quantize the float model it "
-            "came from instead."
-        )
+        method = (getattr(model, "quantization_config", None) or {}).get("method", "some layers")
+        raise ValueError(f"this model is already quantized ({method}); quantize the float model it came from instead.")
     candidates = _candidates(model)
     kept = {n for n in candidates if name_matches(cfg.skip, n) or _tied_head(model, n)}
     targets = {n: m for n, m in candidates.items() if n not in kept}
