@@ -213,3 +213,10 @@ def test_hf_export_sharded_loads_in_transformers(tiny_model_dir, tmp_path):
     _error(runner.invoke(app, ["export", "hf", str(tiny_model_dir), "--out", str(out), "--max-shard-size", "2 pails"]))
     with pytest.raises(ValueError, match="max_shard_size"):
         model.save_pretrained(tmp_path / "x", max_shard_size=0)
+
+
+def test_exports_refuse_a_quantized_model(tiny_model_dir, tmp_path):
+    _ok(runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "int8", "--out", str(tmp_path / "q")]))
+    for verb, out in (("onnx", "m.onnx"), ("pt2", "m.ds"), ("hf", "hf"), ("gguf", "m.gguf")):
+        _error(runner.invoke(app, ["export", verb, str(tmp_path / "q"), "--out", str(tmp_path / out)]), "quantized")
+        assert not (tmp_path / out).exists()

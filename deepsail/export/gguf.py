@@ -99,6 +99,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
     if out.is_dir():
         raise ValueError(f"{out} is a folder; --out takes the .gguf file to write, e.g. {out / f'model-{type}.gguf'}")
     folder = resolve_checkpoint(model_dir)
+    from deepsail.compress.quantize import quantization_config_of
+
+    quantized = quantization_config_of(folder)
+    if quantized:
+        raise ValueError(
+            f"{folder} is a quantized model ({quantized['method']}); export the float model it came from: GGUF "
+            "quantizes with its own block formats (--type q8_0 | q4_0)"
+        )
     model_type = _model_type(folder)
     if model_type not in ARCHITECTURES:
         raise ValueError(
