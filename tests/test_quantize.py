@@ -160,6 +160,27 @@ def test_generate_and_engine_run_a_quantized_folder(int4_dir, tmp_path):
     assert [h.result(timeout=0)[1] for h in handles] == want
 
 
+def test_serve_answers_from_a_quantized_folder(int4_dir):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from deepsail.data import Tokenizer
+    from deepsail.serve import ServerConfig, create_app, load_served
+
+    model, tokenizer = ds.from_pretrained(int4_dir), Tokenizer.load(int4_dir)
+    want = generate(model, tokenizer, "def f(x):", GREEDY)[0].text
+    with TestClient(create_app(lambda: load_served(int4_dir), ServerConfig(model_name="q"))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the quantized model did not load"
+            time.sleep(0.05)
+        body = {"model": "q", "prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+
+
 def test_bad_input_gets_one_clear_error(tiny_model_dir, int4_dir, tmp_path):
     runner = CliRunner()
 
