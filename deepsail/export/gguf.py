@@ -157,14 +157,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
 
 
 def _model_type(folder: Path) -> str | None:
-    file = folder / "config.json"
-    if not file.is_file():
-        raise ValueError(f"{folder} has no config.json; expected a deepsail model folder or training run folder")
-    try:
-        hf = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); the checkpoint is damaged") from e
-    return hf.get("model_type") if isinstance(hf, dict) else None
+    from deepsail.model.hf import read_config_json
+
+    return read_config_json(folder).get("model_type")
 
 
 # --- what llama.cpp can run: refused up front rather than written into a file that decodes differently ------------

@@ -201,9 +201,8 @@ def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), {"rope_type": rope_type, **params}
 
 
-def read_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of an HF model directory or a deepsail checkpoint (whose config.json carries a `deepsail`
-    section with the few fields HF has no key for)."""
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict; a missing or damaged one is a clear error."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} has no config.json; expected an HF model directory or a deepsail checkpoint")
@@ -213,6 +212,14 @@ def read_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{config_file} is not valid JSON ({e}); the checkpoint is damaged") from e
     if not isinstance(hf, dict):
         raise ValueError(f"{config_file} holds {type(hf).__name__}, not a JSON object")
+    return hf
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF model directory or a deepsail checkpoint (whose config.json carries a `deepsail`
+    section with the few fields HF has no key for)."""
+    config_file = Path(path) / "config.json"
+    hf = read_config_json(path)
     try:
         config = config_from_hf(hf)
     except KeyError as e:
