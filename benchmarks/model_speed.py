@@ -26,6 +26,7 @@ from contextlib import nullcontext
 import torch
 
 import deepsail as ds
+from deepsail.infer.graphs import CompiledDecode
 from deepsail.model import ModelConfig
 from deepsail.train.allocator import keep_freed_memory
 from deepsail.train.metrics import peak_flops
@@ -56,13 +57,15 @@ def train_step_fn(model, hf: bool, ids, precision: str, device: str):
 
 
 @torch.no_grad()
-def ds_greedy(model, prompt, new_tokens: int) -> torch.Tensor:
+def ds_greedy(model, prompt, new_tokens: int, step=None) -> torch.Tensor:
+    """Greedy decoding with the paged cache; `step` (a CompiledDecode) runs the decode steps compiled."""
     B, T = prompt.shape
     cache = model.new_cache(B, T + new_tokens)
     logits = model(prompt, cache=cache, last_logits_only=True).logits
     out = [logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
-        out.append(model(out[-1], cache=cache).logits[:, -1].argmax(-1, keepdim=True))
+        logits = step(out[-1], cache) if step is not None else model(out[-1], cache=cache).logits[:, -1]
+        out.append(logits.argmax(-1, keepdim=True))
     return torch.cat(out, 1)
 
 
@@ -185,12 +188,20 @@ def main() -> None:
     # Decode first: training steps below move the two copies apart (different optimizer numerics).
     ours.eval(), hf.eval()
     new = 64
+    compiled = CompiledDecode(ours)
     for batch in (1, 8):
         prompt = torch.randint(0, config.vocab_size, (batch, 32), device=device)
         # random weights give near-flat logits, where a 1e-6 difference can flip a near-tie: count rows
         same = int((ds_greedy(ours, prompt, 16) == hf_greedy(hf, prompt, 16)).all(1).sum())
+        t0 = time.perf_counter()
+        compiled_same = bool((ds_greedy(ours, prompt, 16, compiled) == ds_greedy(ours, prompt, 16)).all())
+        first = time.perf_counter() - t0
         t = alternate(
-            {"deepsail": lambda p=prompt: ds_greedy(ours, p, new), "hf": lambda p=prompt: hf_greedy(hf, p, new)},
+            {
+                "deepsail": lambda p=prompt: ds_greedy(ours, p, new),
+                "compiled": lambda p=prompt: ds_greedy(ours, p, new, compiled),
+                "hf": lambda p=prompt: hf_greedy(hf, p, new),
+            },
             rounds,
             device,
         )
@@ -200,6 +211,15 @@ def main() -> None:
                 batch * new / t["deepsail"],
                 batch * new / t["hf"],
                 f"  rows with 16 greedy tokens identical to HF: {same}/{batch}",
+            )
+        )
+        rows.append(
+            (
+                f"  compiled decode b{batch} tok/s",
+                batch * new / t["compiled"],
+                batch * new / t["hf"],
+                f"  (infer/graphs.py; greedy identical to eager: {compiled_same}; first call incl. compile "
+                f"{first:.0f} s)",
             )
         )
 
@@ -234,8 +254,11 @@ def main() -> None:
     print()
     print(f"{'measure':<32}{'deepsail':>12}{'HF':>12}{'ratio':>9}")
     for name, a, b, note in rows:
-        if name.startswith("decode fp32 batch 1"):
-            note += f"  (deepsail at {a * gemv['deepsail']:.0%} of its GEMV limit, HF at {b * gemv['F.linear']:.0%})"
+        if name.startswith("decode fp32 batch 1") or name.startswith("  compiled decode b1"):
+            note += (
+                f"  (deepsail at {a * gemv['deepsail']:.0%} of its GEMV limit and {a * weight_bytes / bandwidth:.0%} "
+                f"of the memory roofline, HF at {b * gemv['F.linear']:.0%})"
+            )
         print(f"{name:<32}{a:>12.0f}{b:>12.0f}{a / b:>8.2f}x{note}")
 
 

@@ -59,6 +59,10 @@ def generate_command(
     speculative: Annotated[
         int, typer.Option(help="Self-speculative greedy decoding: draft this many tokens per step with the MTP head.")
     ] = 0,
+    compile: Annotated[
+        bool,
+        typer.Option(help="Decode through one compiled graph: ~2x the tok/s on CPU after a 20-40 s first compile."),
+    ] = False,
     device: Device = "auto",
     dtype: DType = "auto",
 ) -> None:
@@ -70,6 +74,7 @@ def generate_command(
       deepsail generate runs/base -p "Once upon a time" --top-p 0.9 --seed 0
       deepsail generate hf-model-dir -p "The sky is" -p "Water is" --num-beams 4
       deepsail generate runs/v3 -p "import numpy" --temperature 0 --speculative 2
+      deepsail generate runs/v3 -p "def parse(" --max-tokens 1024 --compile
     """
     from rich.console import Console
 
@@ -85,6 +90,10 @@ def generate_command(
     params = dataclasses.replace(params, stop=[_unescape(s) for s in params.stop])
     prompt = [_unescape(p) for p in prompt]
     model, tokenizer = _load(path, device, dtype)
+    if compile:
+        from deepsail.infer.graphs import enable_compiled_decode
+
+        enable_compiled_decode(model)
     t0 = time.perf_counter()
     if len(prompt) == 1 and num_beams == 1 and speculative == 0:
         n = 0

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from deepsail.infer.batching import Prompt, check_fits, encode_prompt, model_device, pad_rows
+from deepsail.infer.graphs import decode_logits
 from deepsail.infer.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -119,9 +120,7 @@ def _decode(
         feed[still] = 1
         if cad_alpha is not None:
             tokens, feed = tokens.repeat(2), feed.repeat(2)
-        logits = model(
-            tokens[:, None].to(device), cache=cache, input_lens=feed.to(device), last_logits_only=True
-        ).logits[:, 0]
+        logits = decode_logits(model, tokens[:, None].to(device), cache, feed.to(device))
 
 
 def stream(

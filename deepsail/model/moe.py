@@ -21,6 +21,8 @@ from torch import nn
 from deepsail.model.config import ModelConfig
 from deepsail.model.layers import MLP, SMALL_ROWS, linear, weight_major_applies
 
+GATHER_TOKENS = 16  # up to this many tokens, compiled code gathers each token's experts (Experts.gathered)
+
 
 class Router(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -97,6 +99,17 @@ class Experts(nn.Module):
             return F.grouped_mm((F.silu(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)
         return _expert_loop(x_sorted, counts, w_gate_up, w_down)
 
+    def gathered(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Each token through its own top-k experts, their weights gathered per (token, expert) pair: static shapes
+        and only the chosen experts' bytes read — the route of a compiled decode step (a few tokens)."""
+        N, K = ids_NK.shape
+        flat = ids_NK.reshape(-1)
+        x_M1D = x_ND.repeat_interleave(K, dim=0)[:, None]
+        h = torch.bmm(x_M1D, self.gate_up_proj[flat].to(x_ND.dtype).transpose(1, 2))  # [N·K, 1, 2H]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_proj[flat].to(x_ND.dtype).transpose(1, 2))  # [N·K, 1, D]
+        return (y.view(N, K, -1) * weights_NK[..., None].to(y.dtype)).sum(1)
+
     def dense(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, combined by the gate weights (zero off each token's top-k): the same sum as
         the grouped route with no shape that depends on the routing, which a static graph (torch.export, ONNX)
@@ -164,6 +177,8 @@ class MoE(nn.Module):
         counts = None
         if torch.compiler.is_exporting():  # a static graph: no shape may depend on the routing (Experts.dense)
             out = self.experts.dense(x, ids, weights)
+        elif torch.compiler.is_compiling() and x.shape[0] <= GATHER_TOKENS and hasattr(self.experts, "gathered"):
+            out = self.experts.gathered(x, ids, weights)  # a compiled decode step: no routing-dependent slices
         else:
             # Group (token, expert) pairs by expert: a stable sort keeps each expert's tokens in order.
             flat_ids = ids.view(-1)

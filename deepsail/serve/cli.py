@@ -94,6 +94,13 @@ def serve_command(
             "`model` is NAME runs with it, in the same batches as the base.",
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="Run decode steps through one compiled graph (torch.compile): ~2x the decode tok/s on CPU, after a "
+            "first compile of 20-40 s while the server warms up."
+        ),
+    ] = False,
     device: Device = "auto",
     dtype: DType = "auto",
     threads: Annotated[
@@ -114,6 +121,7 @@ def serve_command(
     \b
     Examples:
       deepsail serve runs/base --port 8000
+      deepsail serve runs/base --compile              # compiled decode steps
       deepsail serve runs/base --adapter finance=runs/finance/adapter --adapter law=runs/law/adapter
       DEEPSAIL_API_KEY=sk-... deepsail serve runs/base --host 0.0.0.0 --max-batch-size 64
       curl localhost:8000/generate -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 32}'
@@ -165,6 +173,7 @@ def serve_command(
             max_waiting=max_waiting,
             max_model_len=max_model_len,
             adapters=adapters,
+            compile_decode=compile,
         )
 
     def on_load_error(e: BaseException) -> None:
