@@ -658,3 +658,13 @@ def test_peak_flops_keeps_the_best_measurement(tmp_path, monkeypatch):
         monkeypatch.setattr(metrics, "_measure_once", lambda device, dtype, m=measured: m)
         assert metrics.peak_flops(CPU, "bf16")[0] == want
     assert max(json.loads((tmp_path / "deepsail" / "peak_flops.json").read_text()).values()) == 3.5e11
+
+
+def test_compile_flag_on_cpu_warns_and_trains_eager():
+    """--compile is offered where it beats eager; on CPU it measured 0.96x, so the run says so and stays eager."""
+    from deepsail.parallel.parallelize import parallelize
+    from deepsail.train.config import TrainConfig
+
+    model = Transformer(ModelConfig.preset("llama-3-8b-debug"))
+    with pytest.warns(UserWarning, match="slower than eager on cpu"):
+        assert parallelize(model, TrainConfig(compile=True)) is model

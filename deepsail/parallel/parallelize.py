@@ -16,6 +16,7 @@ eager model.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -42,8 +43,24 @@ def apply_compile(model: nn.Module) -> Any:
     return torch.compile(model)
 
 
+# --compile is offered where it pays. On CPU it does not yet: deepseek-v3-mini bf16 8x256 trains at 2,169 tok/s
+# compiled vs 2,265 eager (0.96x) after 125 s of compiling (torch 2.13, 2-core Zen 4; the MoE dispatch breaks the
+# graph), so a CPU run warns and trains eager. ds.compile(..., optimize_for="training") still compiles on request.
+COMPILE_PAYS_ON = ("cuda",)
+
+
 def parallelize(model: nn.Module, cfg: Any) -> Any:
     """Apply the techniques `cfg` (a TrainConfig) asks for; returns what the training step calls."""
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    return apply_compile(model) if cfg.compile else model
+    if not cfg.compile:
+        return model
+    device = next(model.parameters()).device.type
+    if device not in COMPILE_PAYS_ON:
+        warnings.warn(
+            f"--compile: torch.compile trains slower than eager on {device} (0.96x measured on deepseek-v3-mini, "
+            "after minutes of compiling); training eager",
+            stacklevel=2,
+        )
+        return model
+    return apply_compile(model)

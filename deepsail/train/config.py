@@ -62,7 +62,7 @@ class TrainConfig:
         "fp32; fp16 uses dynamic loss scaling.",
     )
     activation_checkpointing: bool = knob(False, "Recompute each block's activations in backward to save memory.")
-    compile: bool = knob(False, "torch.compile the training forward/backward.")
+    compile: bool = knob(False, "torch.compile the training step (CUDA; slower than eager on CPU: warns, eager).")
 
     # --- MoE: aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2 uses gamma = 0.001) ---
     bias_update_rate: float = knob(1e-3, "MoE aux-loss-free balancing: bias step per optimizer step (gamma).")
