@@ -161,19 +161,24 @@ def _deepsail_greedy(model: Transformer, prompt: list[int], steps: int) -> tuple
 
 
 @pytest.mark.parametrize("arch", ["deepseek-v3", "qwen2"])
-def test_onnx_generates_like_deepsail(arch, tiny_model_dir, tmp_path):
+def test_onnx_generates_like_deepsail(arch, tiny_model_dir, tmp_path, monkeypatch):
+    from deepsail.export import onnx as onnx_export
     from deepsail.export.onnx import OnnxGenerator
 
     out = tmp_path / "m.onnx"
     if arch == "deepseek-v3":  # the verb on a model folder: MLA latent past, MoE
         model = ds.from_pretrained(tiny_model_dir).eval()
         _ok(runner.invoke(app, ["export", "onnx", str(tiny_model_dir), "--out", str(out)]))
-    else:
-        from deepsail.export.onnx import export_onnx
-
-        model = _model("qwen2-1.5b-debug")
-        export_onnx(model, out)
-    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+        assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    else:  # GQA past; and the >2 GiB layout (weights in m.onnx.data beside the graph), forced by a zero limit
+        model = _model("qwen2-1.5b-debug").train()
+        monkeypatch.setattr(onnx_export, "ONNX_LIMIT", 0)
+        onnx_export.export_onnx(model, out)
+        assert model.training  # the caller's model is left as it was
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+        model.eval()
+        with pytest.raises(ValueError, match="fp32"):
+            onnx_export.export_onnx(_model("qwen2-1.5b-debug").bfloat16(), tmp_path / "bf16.onnx")
     generator = OnnxGenerator(out)
     prompts = [[5, 17, 42, 7, 99, 3], [11, 12, 13]]  # different lengths: the short one is left-padded
     steps = 9  # prefill + 8 decode steps

@@ -25,20 +25,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _load_float(path: Path, dtype: str | None = "fp32") -> tuple[Any, Path]:
     """(the model on CPU in `dtype` (None: the checkpoint's), the folder it came from); a quantized model is
     refused: these formats take float weights (export the float model; GGUF quantizes itself: q8_0/q4_0)."""
-    import torch
-
+    from deepsail.compress.quantize import quantization_config_of
     from deepsail.train.checkpoint import resolve_checkpoint
     from deepsail.tune.load import from_pretrained
 
     folder = resolve_checkpoint(path)
-    model = from_pretrained(folder, dtype=dtype, device="cpu").eval()
-    ints = [k for k, t in model.state_dict().items() if not (t.is_floating_point() or t.dtype == torch.bool)]
-    if ints:
+    quantized = quantization_config_of(folder)
+    if quantized:
         raise ValueError(
-            f"{folder} is a quantized model ({ints[0]} is {model.state_dict()[ints[0]].dtype}); export the float "
-            "model it came from (GGUF quantizes itself: --type q8_0 | q4_0)"
+            f"{folder} is a quantized model ({quantized['method']}); export the float model it came from "
+            "(GGUF quantizes itself: --type q8_0 | q4_0)"
         )
-    return model, folder
+    return from_pretrained(folder, dtype=dtype, device="cpu").eval(), folder
 
 
 def _done(what: Path, t0: float) -> None:

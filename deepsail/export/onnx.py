@@ -68,7 +68,10 @@ def export_onnx(model: nn.Module, out: str | Path) -> Path:
 
     _require("onnx", "onnxscript")
     config = model.config
-    model = model.float().eval()
+    if model.embed_tokens.weight.dtype != torch.float32:
+        raise ValueError(
+            f"export_onnx writes fp32 graphs; this model is {model.embed_tokens.weight.dtype}: pass model.float()"
+        )
     device = model.embed_tokens.weight.device
     B, T, P = 2, 3, 4  # trace sizes: any >= 2, so none is specialised into the graph
     past = [torch.zeros(B, P, *past_shape(config), device=device) for _ in past_names(config)]
@@ -81,19 +84,12 @@ def export_onnx(model: nn.Module, out: str | Path) -> Path:
         "past": tuple({0: dyn, 1: dyn} for _ in past),
     }
     names = past_names(config)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and torchvision notices are not ours
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            PastGraph(model),
-            (ids, mask, *past),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=["input_ids", "attention_mask", *names],
-            output_names=["logits", *past_names(config, "present")],
-            optimize=True,
-            verbose=False,
-        )
+    was_training = model.training
+    model.eval()
+    try:
+        program = _export(model, ids, mask, past, dynamic_shapes, names)
+    finally:
+        model.train(was_training)
     program.model.metadata_props["deepsail.config"] = json.dumps(config_to_hf(config))
     program.model.metadata_props["deepsail.past"] = json.dumps({"names": names, "shape": past_shape(config)})
     out = Path(out)
@@ -111,6 +107,23 @@ def export_onnx(model: nn.Module, out: str | Path) -> Path:
         with atomic_path(out) as tmp:
             program.save(tmp, external_data=False)
     return out
+
+
+def _export(model: nn.Module, ids: Any, mask: Any, past: Any, dynamic_shapes: Any, names: list[str]) -> Any:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and torchvision notices are not ours
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            PastGraph(model),
+            (ids, mask, *past),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=["input_ids", "attention_mask", *names],
+            output_names=["logits", *past_names(model.config, "present")],
+            optimize=True,
+            verbose=False,
+        )
+    return program
 
 
 def _require(*modules: str) -> None:

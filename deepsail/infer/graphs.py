@@ -4,15 +4,16 @@ routing and experts, the head — one torch.compile graph instead of ~2,000 eage
     step = CompiledDecode(model)            # nothing compiles until the first decode step
     logits = step(ids_B1, cache)            # [B, V], cache.lens advanced; None where it does not apply (eager then)
 
-The graph takes what varies as tensors: the tokens, each row's position (cos/sin are computed inside), the pool
-slot each row writes, the slots and mask of every key position. The key length L and the batch size are dynamic
-dims, so a conversation growing token by token replays one graph (batch 1 and batch >= 2 are two, as PyTorch
-specialises size 1). The MoE layers take the gather route (`Experts.gathered`: each token through its own top-k
-experts, static shapes), and few-row products the weight-major route `Linear` takes eagerly.
+The graph takes what varies as tensors: the tokens and the eager forward's own attention context (each row's
+rotary angles, the pool slot it writes, the slots and mask of every key position), made outside the graph. The key
+length L and the batch size are dynamic dims, so a conversation growing token by token replays one graph (batch 1
+and batch >= 2 are two, as PyTorch specialises size 1). The MoE layers take the gather route (`Experts.gathered`:
+each token through its own top-k experts, static shapes), and few-row products the weight-major route `Linear`
+takes eagerly.
 
 It applies to a plain model in eval mode (no LoRA, no quantized layers: their wrappers are their own code) when
-every row feeds exactly one token into a slot it owns; anything else (prefill, a finished row, a full cache) runs
-eager, as `model(...)` would. Greedy output is identical to eager (tests/test_generate.py).
+every row feeds exactly one token; anything else (a prefill, a finished row feeding nothing) runs eager, and a
+full cache raises the eager forward's overflow error. Greedy output is identical to eager (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ def _plain(model: nn.Module) -> bool:
     return all(type(m).__module__.startswith(("deepsail.model", "torch.nn")) for m in model.modules())
 
 
-def _step(model: nn.Module, ids_B1: torch.Tensor, positions_B1: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    cos, sin = model.rotary(positions_B1)
-    ctx.cos, ctx.sin = cos, sin
+def _step(model: nn.Module, ids_B1: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     x = model.embed_tokens(ids_B1)
     for block in model.layers:
         x = block(x, ctx)
@@ -48,6 +47,7 @@ class CompiledDecode:
         self.model = model
         self.ok = _plain(model)
         self._compiled: Any = None
+        self._marked_pool: Any = None
         self.steps = 0  # decode steps that ran compiled (for tests and benchmarks)
 
     def applies(self, ids: torch.Tensor, cache: KVCache | None, input_lens: torch.Tensor | None) -> bool:
@@ -58,7 +58,7 @@ class CompiledDecode:
             and not self.model.training
             and not torch.is_grad_enabled()
             and (input_lens is None or bool((input_lens == 1).all()))
-            and int(cache.lens.min()) > 0  # something cached: a decode step, not a prefill
+            and int(cache.lens.min()) > 0  # something cached in every row: a decode step, not a prefill
         )
 
     def __call__(
@@ -66,29 +66,22 @@ class CompiledDecode:
     ) -> torch.Tensor | None:
         if not self.applies(ids_B1, cache, input_lens):
             return None
-        B = ids_B1.shape[0]
-        positions = cache.lens[:, None]  # [B, 1]
-        write = cache.slots(positions).flatten()
-        if bool((write < 0).any()):
-            return None  # a row at its capacity: eager raises the overflow error
-        L = int(cache.lens.max()) + 1
-        keys = torch.arange(L, device=ids_B1.device)
-        read = cache.slots(keys.expand(B, L)).clamp(min=0)
-        mask = (keys[None] <= positions)[:, None, None]  # [B, 1, 1, L]: each row up to its own position
-        rows = torch.arange(B, device=ids_B1.device)
-        ctx = AttentionContext(positions, positions, cache, write_slots=write, write_rows=rows)
-        ctx.read_slots, ctx.mask, ctx.fresh = read, mask, False
+        # The context is the eager forward's own (positions, slots, mask; a full cache raises its overflow error),
+        # made outside the graph: its sizes come from the cache's lengths.
+        ctx = self.model.attention_context(ids_B1.shape[0], 1, ids_B1.device, cache, None)
         if self._compiled is None:
             weight_major_wins()  # measured eagerly, read by the traced code
             self._compiled = torch.compile(_step, dynamic=False)
-        for t in (read, mask):
-            torch._dynamo.mark_dynamic(t, t.dim() - 1)  # the key length: one graph as the context grows
-        for store in cache.pool.k + (cache.pool.v or []):
-            torch._dynamo.mark_dynamic(store, 0)  # and one for every pool size (each generate() makes its own)
-        if B > 1:
-            for t in (ids_B1, positions, write, rows, read, mask):
+        torch._dynamo.mark_dynamic(ctx.read_slots, 1)  # the key length: one graph as the context grows
+        torch._dynamo.mark_dynamic(ctx.mask, 3)
+        if cache.pool is not self._marked_pool:  # and one for every pool size (each generate() makes its own)
+            for store in cache.pool.k + (cache.pool.v or []):
+                torch._dynamo.mark_dynamic(store, 0)
+            self._marked_pool = cache.pool
+        if ids_B1.shape[0] > 1:
+            for t in (ids_B1, ctx.cos, ctx.sin, ctx.write_slots, ctx.write_rows, ctx.read_slots, ctx.mask):
                 torch._dynamo.mark_dynamic(t, 0)
-        logits = self._compiled(self.model, ids_B1, positions, ctx)
+        logits = self._compiled(self.model, ids_B1, ctx)
         cache.lens += 1
         self.steps += 1
         return logits

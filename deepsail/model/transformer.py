@@ -142,7 +142,7 @@ class Transformer(HFCheckpoint, nn.Module):
         if past is not None:
             ctx = self._past_context(B, T, past, attention_mask)
         else:
-            ctx = self._context(B, T, input_ids.device, cache, input_lens)
+            ctx = self.attention_context(B, T, input_ids.device, cache, input_lens)
         for block in self.layers:
             x = block(x, ctx)
         hidden = x
@@ -169,9 +169,10 @@ class Transformer(HFCheckpoint, nn.Module):
         """Next-token logits from the last block's output (`ModelOutput.hidden`): final norm, then the head."""
         return self.lm_head(self.norm(hidden))
 
-    def _context(
+    def attention_context(
         self, B: int, T: int, device: torch.device, cache: KVCache | None, input_lens: torch.Tensor | None
     ) -> AttentionContext:
+        """Positions, cache slots and masks for a forward of B rows of T new tokens (the same for every layer)."""
         if cache is None:
             cos, sin = self.rotary(torch.arange(T, device=device))
             return AttentionContext(cos, sin)
@@ -262,7 +263,7 @@ class Transformer(HFCheckpoint, nn.Module):
         """
         module = self.mtp[depth]
         B, T = next_ids.shape
-        ctx = self._context(B, T, hidden.device, cache, input_lens)
+        ctx = self.attention_context(B, T, hidden.device, cache, input_lens)
         h = module(hidden, self.embed_tokens(next_ids), ctx)
         if cache is not None:
             cache.lens += input_lens if input_lens is not None else T
