@@ -2,6 +2,7 @@
 
     python benchmarks/model_speed.py            # the ~40M DeepSeek-V3 config of the issue, on CPU (or CUDA if there)
     python benchmarks/model_speed.py --quick    # fewer repetitions
+    python benchmarks/model_speed.py --profile  # plus where a training step's and a decode step's time goes
 
 Model: hidden 512, 8 layers, MLA (q latent 128, kv latent 64, rope 32), 8 routed experts top-2 + 1 shared, first
 layer dense (the `deepseek-v3-small` preset without MTP, since transformers' DeepseekV3ForCausalLM trains none).
@@ -18,6 +19,7 @@ not stream weights from DRAM at copy bandwidth for one row.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -29,7 +31,7 @@ import deepsail as ds
 from deepsail.infer.graphs import CompiledDecode
 from deepsail.model import ModelConfig
 from deepsail.train.allocator import keep_freed_memory
-from deepsail.train.metrics import peak_flops
+from deepsail.train.metrics import cpu_name, peak_flops
 
 
 def sync(device: str) -> None:
@@ -38,7 +40,9 @@ def sync(device: str) -> None:
 
 
 def train_step_fn(model, hf: bool, ids, precision: str, device: str):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    # The fused AdamW kernel (CUDA, and CPU since torch 2.4) on both sides, as deepsail's trainer uses it
+    # (train/optim.py): the comparison is of model code.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     x, y = ids[:, :-1], ids[:, 1:]
 
@@ -154,12 +158,86 @@ def gemv_limit(model, device: str, rounds: int = 5) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# Where a step's time goes: each aten op's self time, binned. Ops run inside the optimizer step count as optimizer
+# whatever they are; the rest by name (the first matching bin wins).
+BINS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::_weight_int")),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::_efficient_attention")),
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+    (
+        "MoE dispatch",
+        (
+            "index_select",
+            "scatter",
+            "gather",
+            "aten::sort",
+            "aten::topk",
+            "aten::index",
+            "bincount",
+            "cumsum",
+            "histc",
+            "argsort",
+            "nonzero",
+        ),
+    ),
+    (
+        "copies/casts",
+        (
+            "aten::copy_",
+            "aten::_to_copy",
+            "aten::fill_",
+            "aten::zero_",
+            "aten::empty",
+            "aten::cat",
+            "aten::clone",
+            "aten::contiguous",
+        ),
+    ),
+)
+
+
+def profile_breakdown(fn, label: str) -> None:
+    """Run `fn` once under torch.profiler and print its time per bin, with the top ops of the largest bins."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    by_id = {id(e): e for e in events}
+    totals: dict[str, float] = {}
+    top: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.self_cpu_time_total <= 0 or not e.name.startswith("aten::"):
+            continue
+        parent, in_opt = e.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("Optimizer.step"):
+                in_opt = True
+                break
+            parent = by_id.get(id(parent.cpu_parent)) if parent.cpu_parent is not None else None
+        if in_opt:
+            bin_ = "optimizer"
+        else:
+            bin_ = next((b for b, keys in BINS if any(k in e.name for k in keys)), "elementwise/other")
+        totals[bin_] = totals.get(bin_, 0.0) + e.self_cpu_time_total
+        top.setdefault(bin_, {})
+        top[bin_][e.name] = top[bin_].get(e.name, 0.0) + e.self_cpu_time_total
+    whole = sum(totals.values())
+    print(f"profile: {label}: {whole / 1e3:.0f} ms of aten self time")
+    for bin_, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        ops = sorted(top[bin_].items(), key=lambda kv: -kv[1])[:3]
+        names = ", ".join(f"{n.removeprefix('aten::')} {t / 1e3:.0f}" for n, t in ops)
+        print(f"  {bin_:<18}{us / 1e3:>8.0f} ms {100 * us / whole:>5.1f}%   ({names})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--profile", action="store_true", help="print a profiler breakdown of each step")
     args = parser.parse_args()
     import transformers
 
@@ -178,6 +256,7 @@ def main() -> None:
         f"device={device} torch={torch.__version__} transformers={transformers.__version__} threads="
         f"{torch.get_num_threads()} allocator={allocator}"
     )
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"model: {ours.num_params() / 1e6:.1f}M params, {ours.num_params(active=True) / 1e6:.1f}M active")
 
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
@@ -205,6 +284,9 @@ def main() -> None:
             rounds,
             device,
         )
+        if args.profile:
+            profile_breakdown(lambda p=prompt: ds_greedy(ours, p, 16), f"deepsail eager decode b{batch}, 16 tokens")
+            profile_breakdown(lambda p=prompt: hf_greedy(hf, p, 16), f"HF decode b{batch}, 16 tokens")
         rows.append(
             (
                 f"decode fp32 batch {batch} tok/s",
@@ -236,6 +318,9 @@ def main() -> None:
             device,
         )
         ours_tps, hf_tps = tokens / t["deepsail"], tokens / t["hf"]
+        if args.profile:
+            profile_breakdown(train_step_fn(ours.train(), False, ids, precision, device), f"deepsail train {precision}")
+            profile_breakdown(train_step_fn(hf.train(), True, ids, precision, device), f"HF train {precision}")
         mfu = f"  MFU {100 * ours_tps * flops_tok / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({source.split(',')[0]})"
         rows.append((f"train {precision} {args.batch}x{args.seq} tok/s", ours_tps, hf_tps, mfu))
     # Batch-1 decode reads every active weight once per token (the embedding only one row): the roofline.

@@ -24,6 +24,17 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+@app.callback()
+def _threads() -> None:
+    # Intra-op threads start from the free cores (threads.py); a verb's own --threads still wins.
+    from deepsail.threads import use_free_cores
+
+    note = use_free_cores()
+    if note:
+        typer.echo(note, err=True)
+
+
 app.command("run")(cli_verb(run))
 
 tokenizer_app = typer.Typer(

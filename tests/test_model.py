@@ -380,3 +380,44 @@ def test_cache_overflow_is_a_clear_error():
     cache = model.new_cache(1, 8, block_size=4)
     with pytest.raises(ValueError, match="KV cache overflow"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_loss_from_hidden_matches_the_logits_route(monkeypatch, precision):
+    """The chunked linear + cross-entropy (model/loss.py) gives the plain route's losses and gradients, with
+    ignored labels and the MTP loss, in fp32 and under bf16 autocast; and several chunks are exercised."""
+    import deepsail.model.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 1)  # 256-row chunks: 3 over 2 x 300 rows
+    torch.manual_seed(0)
+    model = _model("deepseek-v3-debug").train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 301))
+    x, y = ids[:, :-1], ids[:, 1:].clone()
+    y[0, :40] = -100  # a masked prompt
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(Transformer, "_fused_loss", lambda self, f=fused: f and torch.is_grad_enabled())
+        model.zero_grad(set_to_none=True)
+        with amp:
+            out = model(x, labels=y)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.lm_loss.detach(), out.mtp_loss.detach(), grads))
+    (l1, m1, g1), (l2, m2, g2) = results
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    assert torch.allclose(l1, l2, rtol=tol, atol=tol) and torch.allclose(m1, m2, rtol=tol, atol=tol)
+    assert g1.keys() == g2.keys()
+    for name in ("lm_head.weight", "embed_tokens.weight", "layers.0.self_attn.o_proj.weight"):
+        err = (g1[name] - g2[name]).norm() / g2[name].norm()
+        assert err < (1e-4 if precision == "fp32" else 3e-2), (name, float(err))
+
+
+def test_training_loss_from_hidden_all_ignored_is_zero():
+    from deepsail.model.loss import linear_cross_entropy
+
+    w = torch.randn(50, 8, requires_grad=True)
+    loss = linear_cross_entropy(torch.randn(4, 8), w, torch.full((4,), -100))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(w.grad.abs().max()) == 0.0

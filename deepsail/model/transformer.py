@@ -19,14 +19,15 @@ from deepsail.model.cache import KVCache, new_cache
 from deepsail.model.config import ModelConfig, config_from_seed
 from deepsail.model.hf import HFCheckpoint
 from deepsail.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from deepsail.model.loss import IGNORE_INDEX, linear_cross_entropy
 from deepsail.model.moe import MoE
-
-IGNORE_INDEX = -100
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_logits_only)
+    # [B, T, V] (or [B, 1, V] with last_logits_only); None for a training forward with labels, whose loss comes
+    # straight from the hidden states (model/loss.py) without the [B, T, V] logits
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight·mtp_loss + aux_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths
@@ -149,12 +150,13 @@ class Transformer(HFCheckpoint, nn.Module):
         if last_logits_only:
             last = (input_lens - 1) if input_lens is not None else torch.full((B,), T - 1, device=x.device)
             x = x[torch.arange(B, device=x.device), last][:, None]
-        logits = self.logits_of(x)
+        fused = labels is not None and not last_logits_only and self._fused_loss()
+        logits = None if fused else self.logits_of(x)
         out = ModelOutput(logits=logits, hidden=hidden if return_hidden else None, present=ctx.present)
         if cache is not None:
             cache.lens += input_lens if input_lens is not None else T
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            out.lm_loss = self._loss(self.norm(x) if fused else None, logits, labels)
             out.loss = out.lm_loss
             if len(self.mtp):
                 out.mtp_loss = self._mtp_loss(hidden, input_ids, labels)
@@ -164,6 +166,16 @@ class Transformer(HFCheckpoint, nn.Module):
                 out.aux_loss = torch.stack(aux).sum()
                 out.loss = out.loss + out.aux_loss
         return out
+
+    def _fused_loss(self) -> bool:
+        """Whether training losses skip the logits (model/loss.py): when gradients flow and the head is the
+        model's own plain Linear (a LoRA, QAT or quantized head is its own code, and goes the plain route)."""
+        return torch.is_grad_enabled() and type(self.lm_head) is Linear and self.lm_head.bias is None
+
+    def _loss(self, normed: torch.Tensor | None, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        if logits is None:
+            return linear_cross_entropy(normed, self.lm_head.weight, labels)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the last block's output (`ModelOutput.hidden`): final norm, then the head."""
@@ -240,10 +252,8 @@ class Transformer(HFCheckpoint, nn.Module):
                 break
             cos, sin = self.rotary(torch.arange(T - k, device=h.device))
             h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), AttentionContext(cos, sin))
-            logits = self.lm_head(module.norm(h))
-            losses.append(
-                F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten(), ignore_index=IGNORE_INDEX)
-            )
+            normed = module.norm(h)
+            losses.append(self._loss(normed, None if self._fused_loss() else self.lm_head(normed), labels[:, k:]))
         return torch.stack(losses).mean()
 
     def mtp_step(

@@ -1,0 +1,70 @@
+"""Next-token cross-entropy straight from the hidden states, in chunks of rows: the [N, V] logits never exist whole.
+
+The plain route (head matmul, fp32 copy of the logits, log_softmax, nll, and the same again backward) keeps several
+[N, V] buffers alive and makes four passes over them. Here each chunk of rows computes its logits, their log-sum-exp
+and at once their gradient (softmax minus one-hot), multiplies the gradient into grad_hidden and grad_weight, and
+drops it; backward only scales what forward stored. Same loss and gradients as the plain route (tests/test_model.py).
+
+The head matmuls are the same FLOPs either way; what goes is the elementwise work on the logits. Measured on
+deepseek-v3-small, bf16 8x256 tokens, V 8192 (Xeon with AMX, 2 threads): the plain route's log_softmax, its
+backward, the fp32 copy and the zeroed gradient take 133 ms of a 1.8 s step (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk (16 MB): big enough that the head matmul stays efficient
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, labels_N, compute_dtype):  # noqa: ANN001, ANN205 (autograd signature)
+        N, V = hidden_ND.shape[0], weight_VD.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            h, w = hidden_ND.to(compute_dtype), weight_VD.to(compute_dtype)
+            valid = labels_N != IGNORE_INDEX
+            n_valid = valid.sum().clamp(min=1)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=w.device) if need_w else None
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            chunk = max(256, CHUNK_ELEMENTS // V)
+            for s in range(0, N, chunk):
+                h_c, y_c, v_c = h[s : s + chunk], labels_N[s : s + chunk].clamp(min=0), valid[s : s + chunk]
+                logits = (h_c @ w.T).float()  # [c, V]
+                lse = logits.logsumexp(-1)
+                target = logits.gather(1, y_c[:, None]).squeeze(1)
+                loss += ((lse - target) * v_c).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    g[torch.arange(len(y_c), device=g.device), y_c] -= 1.0
+                    g = g.mul_((v_c / n_valid)[:, None]).to(compute_dtype)
+                    if need_h:
+                        grad_h[s : s + chunk] = g @ w
+                    if need_w:
+                        grad_w += (g.T @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (
+            (grad_h * grad_loss).to(h_dtype) if grad_h is not None else None,
+            (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` (IGNORE_INDEX rows skipped; 0 if all are), with
+    the matmuls in the autocast dtype where autocast is on, else in the weight's, and the softmax in fp32.
+    hidden [..., D], weight [V, D], labels [...]."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), dtype)
