@@ -158,3 +158,26 @@ def test_serve_of_a_broken_model_exits_with_one_error_line(good_model, tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "model.safetensors" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_threads_default_to_the_free_cores(monkeypatch):
+    import torch
+
+    import deepsail.threads as threads
+
+    free, usable = threads.free_cores()
+    assert 1 <= free <= usable
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "free_cores", lambda: (1, 2))
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(threads, "_applied", False)
+        assert "1 of 2 cores are busy" in threads.use_free_cores() and torch.get_num_threads() == 1
+        assert threads.use_free_cores() is None  # once per process
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "_applied", False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert threads.use_free_cores() is None and torch.get_num_threads() == 2  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)
