@@ -204,7 +204,6 @@ def profile_breakdown(fn, label: str) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = prof.events()
-    by_id = {id(e): e for e in events}
     totals: dict[str, float] = {}
     top: dict[str, dict[str, float]] = {}
     for e in events:
@@ -215,7 +214,7 @@ def profile_breakdown(fn, label: str) -> None:
             if parent.name.startswith("Optimizer.step"):
                 in_opt = True
                 break
-            parent = by_id.get(id(parent.cpu_parent)) if parent.cpu_parent is not None else None
+            parent = parent.cpu_parent
         if in_opt:
             bin_ = "optimizer"
         else:

@@ -13,27 +13,35 @@ import os
 import time
 
 
-def _idle_jiffies() -> tuple[int, int] | None:
-    """(idle, total) CPU time over all cores since boot, from /proc/stat (None where there is none)."""
+def _idle_fractions(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
+    """(idle, total) CPU time since boot of each of `cpus`, from /proc/stat's per-CPU lines (None where there is
+    no /proc/stat). Only the cores this process may run on count: a container's other host cores are not ours."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+    except (OSError, ValueError, IndexError):
         return None
-    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+    out = {}
+    for fields in lines:
+        cpu, values = int(fields[0][3:]), [int(v) for v in fields[1:9]]
+        if cpu in cpus:
+            out[cpu] = (values[3] + values[4], sum(values))  # idle + iowait, all
+    return out or None
 
 
 def free_cores(window_s: float = 0.05) -> tuple[int, int]:
     """(free, usable) cores: the cores this process may run on, and how many of them sat idle over `window_s`
     (rounded, at least one). Where /proc/stat is missing, the 1-minute load average stands in."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    total_cores = os.cpu_count() or usable
-    before = _idle_jiffies()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    usable = len(cpus)
+    before = _idle_fractions(cpus)
     if before is not None:
         time.sleep(window_s)
-        after = _idle_jiffies()
-        idle, total = after[0] - before[0], after[1] - before[1]
-        busy = total_cores * (1 - idle / total) if total > 0 else 0.0
+        after = _idle_fractions(cpus) or {}
+        busy = 0.0
+        for cpu, (idle0, total0) in before.items():
+            idle1, total1 = after.get(cpu, (idle0, total0))
+            busy += 1 - (idle1 - idle0) / (total1 - total0) if total1 > total0 else 0.0
     else:
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(usable, round(usable - busy))), usable

@@ -107,8 +107,8 @@ def serve_command(
         int | None,
         typer.Option(
             show_default=False,
-            help="CPU threads for the model's math (llama.cpp's --threads). Default: torch's, one "
-            "per core. On a busy or shared CPU, fewer threads than cores is much faster.",
+            help="CPU threads for the model's math (llama.cpp's --threads). Default: the cores that are "
+            "idle at start (deepsail/threads.py). On a busy or shared CPU, fewer threads than cores is much faster.",
         ),
     ] = None,
 ) -> None:
