@@ -9,6 +9,7 @@ from deepsail.compress.cli import quantize_command
 from deepsail.data.prepare import data_prepare
 from deepsail.data.tokenizer import tokenizer_train
 from deepsail.errors import cli_verb
+from deepsail.eval.cli import eval_command
 from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
 from deepsail.run import run
@@ -54,4 +55,5 @@ app.command("quantize")(cli_verb(quantize_command))
 app.command("generate")(cli_verb(generate_command))
 app.command("chat")(cli_verb(chat_command))
 app.command("serve")(cli_verb(serve_command))
+app.command("eval")(cli_verb(eval_command))
 register_export(app, cli_verb)

@@ -175,6 +175,12 @@ class RequestHandle:
             raise self._error
         return self._state.text, list(self._state.output_ids), self.finish_reason, dict(self.usage or {})
 
+    @property
+    def prompt_logprobs(self) -> list[tuple[float, list[tuple[int, float]]] | None] | None:
+        """With `SamplingParams.prompt_logprobs`: per prompt token, (its log-probability given the ones before it,
+        the top n (id, log-probability)); None for the first token. Complete once the first token is out."""
+        return self._state.prompt_logprobs
+
     def cancel(self) -> None:
         """Stop generating; the request's blocks are freed within one step and its stream ends with "abort"."""
         self._engine._cancel(self.request_id)

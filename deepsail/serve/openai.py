@@ -167,6 +167,15 @@ def prompt_token_logprobs(tok: Any, ids: list[int], scored: list | None) -> list
     return out
 
 
+def chat_ids(tok: Any, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """The prompt ids of a chat: its messages through the model's chat template."""
+    try:
+        text = tok.apply_chat_template(P.template_messages(messages), add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template's raise_exception (bad role order...) is the client's error
+        raise APIError(400, f"chat template rejected the messages: {e}", param="messages") from e
+    return tok.encode(text)
+
+
 def finish_reason(evs: list[Any]) -> str | None:
     return next((ev.finish_reason for ev in reversed(evs) if ev.finish_reason), None)
 
@@ -306,14 +315,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         tok = s.tokenizer
         check_text_size(s, sum(len(m.text().encode("utf-8")) for m in req.messages), "messages")
 
-        def render() -> list[int]:
-            try:
-                text = tok.apply_chat_template(req.template_messages(), add_generation_prompt=req.add_generation_prompt)
-            except Exception as e:  # a template's raise_exception (bad role order...) is the client's error
-                raise APIError(400, f"chat template rejected the messages: {e}", param="messages") from e
-            return tok.encode(text)
-
-        ids = await tokenize(render)
+        ids = await tokenize(lambda: chat_ids(tok, req.messages, req.add_generation_prompt))
         check_ids(s, ids)
         max_tokens = fit(s, len(ids), req.max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -417,3 +419,47 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
             )
 
         return await _respond(request, req, streams, {}, len(ids), lambda i, ev: [], body)
+
+    # --- vLLM's tokenizer endpoints: lm-eval's `local-completions` (and other clients) tokenize through the server,
+    # so they need no copy of the tokenizer and always agree with what the model is fed.
+    @app.post("/tokenize", dependencies=protected, response_model=P.TokenizeResponse, responses=errors)
+    async def tokenize_route(req: P.TokenizeRequest) -> P.TokenizeResponse:
+        s = state.ready()
+        check_model(s, cfg, req.model)
+        tok = s.tokenizer
+        if req.prompt is not None:
+            check_text_size(s, len(req.prompt.encode("utf-8")), "prompt")
+            ids = await tokenize(lambda: tok.encode(req.prompt))
+        else:
+            check_text_size(s, sum(len(m.text().encode("utf-8")) for m in req.messages), "messages")
+            ids = await tokenize(lambda: chat_ids(tok, req.messages, req.add_generation_prompt))
+        strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
+        return P.TokenizeResponse(count=len(ids), max_model_len=s.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", dependencies=protected, response_model=P.DetokenizeResponse, responses=errors)
+    async def detokenize_route(req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        s = state.ready()
+        check_model(s, cfg, req.model)
+        bad = next((i for i in req.tokens if i >= s.vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400, f"token id {bad} is out of range: the vocabulary has {s.vocab_size} ids", param="tokens"
+            )
+        return P.DetokenizeResponse(prompt=await tokenize(lambda: s.tokenizer.decode(req.tokens)))
+
+    @app.get("/tokenizer_info", dependencies=protected, response_model=P.TokenizerInfo)
+    async def tokenizer_info() -> P.TokenizerInfo:
+        s = state.ready()
+        tok = s.tokenizer
+
+        def name(i: int | None) -> str | None:
+            return None if i is None else tok.id_to_token(i)
+
+        return P.TokenizerInfo(
+            vocab_size=s.vocab_size,
+            model_max_length=s.max_model_len,
+            bos_token=name(tok.bos_id),
+            eos_token=name(tok.eos_id),
+            pad_token=name(tok.pad_id),
+            chat_template=tok.chat_template,
+        )

@@ -239,8 +239,12 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
     def template_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return template_messages(self.messages)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 class TopLogprob(BaseModel):
@@ -290,6 +294,57 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: Literal["stop", "length", "abort"] | None
     usage: Usage
+
+
+# --- /tokenize, /detokenize, /tokenizer_info (vLLM's extensions: clients need no local tokenizer) -------------------
+MAX_DETOKENIZE = 1 << 20  # ids per /detokenize request; far beyond any context
+
+
+class TokenizeRequest(_Body):
+    """Text (`prompt`) or chat `messages`: the ids the completion / chat endpoint would feed the model for it."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
+    add_generation_prompt: bool = True
+    # deepsail adds no special tokens to a prompt (the ids are the text's, as /v1/completions feeds them), so this
+    # vLLM field is accepted and changes nothing.
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of `prompt` (text) or `messages` (a chat)")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: Text | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_DETOKENIZE)]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """What lm-eval's remote tokenizer (and vLLM's clients) read from GET /tokenizer_info."""
+
+    tokenizer_class: str = "deepsail.data.Tokenizer"
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
 
 
 # --- /v1/models, errors ---------------------------------------------------------------------------------------------
