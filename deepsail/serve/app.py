@@ -19,7 +19,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,24 @@ def uvicorn_config(app: FastAPI, cfg: ServerConfig | None = None, **kwargs: Any)
 
     cfg = cfg or ServerConfig()
     return uvicorn.Config(app, http=timed_http_protocol(cfg.header_timeout_s), **kwargs)
+
+
+def check_api_key(api_key: str | None, headers: Mapping[str, str]) -> None:
+    """Raise a 401 APIError unless `headers` (lower-case names) carry `api_key` as 'Authorization: Bearer KEY' or
+    'X-API-Key: KEY'; no key configured lets everything through. Apps mounted in front of deepsail's reuse it."""
+    if not api_key:
+        return
+    given = headers.get("authorization", "")
+    given = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
+    # compare_digest: time independent of where the first mismatch is, so the key cannot be guessed byte by
+    # byte. Bytes, not str: compare_digest refuses non-ASCII str, and a header can carry any latin-1.
+    if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), api_key.encode()):
+        raise APIError(
+            401,
+            "invalid or missing API key (send 'Authorization: Bearer <key>')",
+            "authentication_error",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -247,22 +265,8 @@ def create_app(
         return _error_response(APIError(500, f"internal error: {type(e).__name__}", "internal_error"))
 
     # --- auth: every route but /health when a key is set ---
-    key = cfg.api_key.encode() if cfg.api_key else None
-
     async def require_key(request: Request) -> None:
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        given = given[7:] if given[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-        # compare_digest: time independent of where the first mismatch is, so the key cannot be guessed byte by
-        # byte. Bytes, not str: compare_digest refuses non-ASCII str, and a header can carry any latin-1.
-        if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), key):
-            raise APIError(
-                401,
-                "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                "authentication_error",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        check_api_key(cfg.api_key, request.headers)
 
     protected = [Depends(require_key)]
 
