@@ -1,9 +1,9 @@
 """The datasets behind deepsail's lm-eval tasks (the YAML files beside this one), built from what every machine
 has: no download. lm-eval calls these through each YAML's `custom_dataset: !function embedded.NAME`.
 
-- `arithmetic`: generated problems with exact answers (a + b, a - b, a x b, up to 3 digits), deterministic by seed;
-  each with three wrong choices near the answer (off by one, off by ten, digits swapped) for the multiple-choice
-  form. A fixed held-out split ("test") and a disjoint few-shot split ("train").
+- `arithmetic`: the verifiable task GRPO trains on (`tune.tasks`: 2-digit a + b, a - b, exact answers), its fixed
+  held-out split, each problem with three wrong choices near the answer for the multiple-choice form; few-shot
+  examples come from its train split.
 - `stdlib_package`: which stdlib package a 1 kB chunk of source comes from (`data.tasks.module_chunks`, the
   classification task `deepsail finetune --task classify` trains on; its val split is held out of that training).
 - `stdlib_documents`: the embedded corpus's held-out files (`data.corpus`'s val split, never trained on by
@@ -19,16 +19,14 @@ from typing import Any
 
 import datasets
 
-ARITHMETIC_TEST, ARITHMETIC_FEWSHOT = 500, 50
+ARITHMETIC_TEST, ARITHMETIC_FEWSHOT = 400, 50
 
 
-def _problem(rng: random.Random) -> dict[str, Any]:
-    op = rng.choice("+-*")
-    if op == "*":
-        a, b = rng.randint(2, 99), rng.randint(2, 9)
-    else:
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-    answer = a + b if op == "+" else a - b if op == "-" else a * b
+def _with_choices(problem: Any) -> dict[str, Any]:
+    """The problem as a record, with three wrong choices near the answer (off by one, off by ten, digits
+    swapped), shuffled by a stream seeded with the question so the record never changes."""
+    answer = int(problem.answer)
+    rng = random.Random(problem.question)
     wrong = {answer + 1, answer - 1, answer + 10, answer - 10}
     swapped = str(abs(answer))[::-1]
     if len(swapped) > 1 and swapped[0] != "0":
@@ -36,29 +34,21 @@ def _problem(rng: random.Random) -> dict[str, Any]:
     wrong.discard(answer)
     choices = [answer, *rng.sample(sorted(wrong), 3)]
     rng.shuffle(choices)
-    sign = {"+": "+", "-": "-", "*": "x"}[op]
     return {
-        "question": f"What is {a} {sign} {b}?",
-        "answer": str(answer),
+        "question": problem.question,
+        "answer": problem.answer,
         "choices": [str(c) for c in choices],
         "label": choices.index(answer),
     }
 
 
-def arithmetic_records(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
-    """`n` distinct problems from `seed`, none of whose questions is in `exclude`."""
-    rng, seen, out = random.Random(seed), set(exclude), []
-    while len(out) < n:
-        p = _problem(rng)
-        if p["question"] not in seen:
-            seen.add(p["question"])
-            out.append(p)
-    return out
-
-
 def arithmetic(**_: Any) -> datasets.DatasetDict:
-    test = arithmetic_records(ARITHMETIC_TEST, seed=1)
-    shots = arithmetic_records(ARITHMETIC_FEWSHOT, seed=2, exclude={p["question"] for p in test})
+    """The GRPO task's own problems (`tune.tasks`, 2-digit + and -): its held-out split, and train problems as
+    few-shot examples."""
+    from deepsail.tune.tasks import problems
+
+    test = [_with_choices(p) for p in problems("arithmetic", "test", ARITHMETIC_TEST)]
+    shots = [_with_choices(p) for p in problems("arithmetic", "train", ARITHMETIC_FEWSHOT)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(test), "train": datasets.Dataset.from_list(shots)})
 
 
