@@ -8,10 +8,13 @@ The run folder is a normal training run (`checkpoints/`, `metrics.jsonl`, `loss.
     RUN/data/          the token shards (train/val split by file)
     RUN/dense/         with --compare-dense: the dense model of equal active parameters, trained as long
     RUN/report.md      what to open: config, metrics against a unigram baseline, loss curves, samples, speed
+
+and a model card (README.md, `deepsail.card`) in the final checkpoint, the folder that loads as the model.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
@@ -37,17 +40,18 @@ def unigram_bits_per_byte(data_dir: Path, tokenizer, batch_size: int, seq_len: i
     exactly the validation windows the trainer evaluates, with the same per-token byte counts."""
     from deepsail.data.loader import TokenStream, eval_batches
     from deepsail.data.tokenizer import token_byte_lengths
+    from deepsail.eval.metrics import bits_per_byte
 
     train = TokenStream(data_dir, "train")
     counts = np.bincount(train.read(0, train.n_tokens).astype(np.int64), minlength=tokenizer.vocab_size) + 1.0
-    log2_p = np.log2(counts / counts.sum())
+    log_p = np.log(counts / counts.sum())
     byte_lengths = token_byte_lengths(tokenizer).numpy()
-    bits = nbytes = 0.0
+    nats = nbytes = 0.0
     for _, y in eval_batches(data_dir, batch_size, seq_len, "val", max_batches=max_batches):
         y = y.numpy().ravel()
-        bits -= log2_p[y].sum()
+        nats -= log_p[y].sum()
         nbytes += byte_lengths[y].sum()
-    return float(bits / nbytes)
+    return bits_per_byte(float(nats), int(nbytes))
 
 
 @options(
@@ -80,12 +84,13 @@ def run(
       deepsail run --minutes 2 --out runs/quick
       deepsail run --compare-dense              # MoE vs dense of equal active parameters
     """
+    from deepsail.card import invocation
     from deepsail.data.corpus import default_corpus
     from deepsail.data.prepare import prepare
     from deepsail.data.tokenizer import Tokenizer
     from deepsail.model import ModelConfig
     from deepsail.report import write_report
-    from deepsail.train.pretrain import pretrain
+    from deepsail.train.pretrain import pretrain, write_card
 
     console = Console()
     run_dir, minutes, preset, batch_size, seq_len = (
@@ -136,7 +141,8 @@ def run(
             bias_update_rate=1e-3,
         )
 
-    results = {"moe": pretrain(train_config(run_dir), model_config=model_config, console=console)}
+    configs = {"moe": train_config(run_dir)}
+    results = {"moe": pretrain(configs["moe"], model_config=model_config, console=console)}
     if compare_dense:
         console.rule(f"[bold]3b/5 pretrain the dense twin for {minutes:g} min")
         # Equal active parameters: every MLP as wide as the experts a token activates (routed top-k + shared).
@@ -144,7 +150,8 @@ def run(
             model_config.num_experts_per_tok + model_config.n_shared_experts
         )
         dense = model_config.replace(n_routed_experts=0, n_shared_experts=0, intermediate_size=active_width)
-        results["dense"] = pretrain(train_config(run_dir / "dense"), model_config=dense, console=console)
+        configs["dense"] = train_config(run_dir / "dense")
+        results["dense"] = pretrain(configs["dense"], model_config=dense, console=console)
 
     console.rule("[bold]4/5 evaluate")
     baseline = unigram_bits_per_byte(run_dir / "data", tokenizer, batch_size, seq_len, eval_batches)
@@ -161,6 +168,22 @@ def run(
         manifest,
         timings={"tokenizer_s": tokenizer_s, "total_s": time.time() - started},
     )
+    command = ["deepsail", "run", "--out", str(run_dir), "--minutes", f"{minutes:g}", "--model-preset", preset]
+    command += ["--batch-size", str(batch_size), "--seq-len", str(seq_len), "--lr", f"{template.lr:g}"]
+    command += ["--vocab-size", str(vocab_size), "--seed", str(template.seed)]
+    command += (["--max-bytes", str(max_bytes)] if max_bytes else []) + (["--compare-dense"] if compare_dense else [])
+    for name, result in results.items():  # in the final checkpoint: the folder `deepsail generate RUN` loads
+        write_card(
+            result,
+            configs[name],
+            title=f"{run_dir.name} ({name})" if name != "moe" else run_dir.name,
+            how_made=invocation(shlex.join(command)),
+            data=[
+                "The embedded corpus: the Python standard library's own source and its bundled help text "
+                "(pydoc_data), split into train/validation by file."
+            ],
+            metrics={"unigram_baseline_bpb": baseline},
+        )
     console.print(f"[bold green]done in {(time.time() - started) / 60:.1f} min[/] — open {report}")
     return report
 

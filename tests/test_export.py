@@ -209,7 +209,7 @@ def test_hf_export_sharded_loads_in_transformers(tiny_model_dir, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).stat().st_size <= 300_000 + 70_000 for s in shards)  # one tensor over
-    assert (out / "tokenizer.json").is_file()
+    assert (out / "tokenizer.json").is_file() and f'base_model: "{tiny_model_dir}"' in (out / "README.md").read_text()
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     model = ds.from_pretrained(tiny_model_dir).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 12))

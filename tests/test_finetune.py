@@ -106,6 +106,8 @@ def test_staged_run_freezes_bitwise_and_writes_outputs(tiny_model_dir, chats_fil
         if not k.startswith("layers.2.") and k not in lora_touched:
             assert torch.equal(merged[k], v), f"frozen {k} changed"
     assert (out / "adapter/adapter_config.json").is_file() and (out / "model/fisher.safetensors").is_file()
+    assert "base_model:" in (out / "model/README.md").read_text()  # model cards, peft's library for the adapter
+    assert "library_name: peft" in (out / "adapter/README.md").read_text()
     report = (out / "report.md").read_text()
     assert "| top | 3 |" in report and "| adapter | 3 |" in report and "loss.png" in report
     # a checkpoint loads as the model it was when written: base + stage 1's block + the adapter (unmerged)
@@ -175,6 +177,8 @@ def test_classify_reports_beside_bag_of_words(tiny_model_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "bag-of-words logistic regression" in report and "macro-F1" in report
     assert json.loads((out / "model/classifier.json").read_text())["labels"] == ["neg", "pos"]
+    card = (out / "model/README.md").read_text()
+    assert 'pipeline_tag: "text-classification"' in card and "| bag_of_words_accuracy |" in card
     tok = Tokenizer.load(tiny_model_dir)
     clf = load_head(ds.from_pretrained(out / "model"), out / "model")  # the saved classifier loads back whole
     ids = torch.tensor([tok.encode("good good day")])

@@ -122,6 +122,7 @@ def test_saved_folder_round_trips_bitwise_and_shrinks(tiny_model_dir, int4_dir, 
     qc = json.loads((int4_dir / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "deepsail", "method": "int4", "group_size": 32, "modules_not_converted": ["lm_head"]}
     assert (int4_dir / "tokenizer.json").is_file() and not (int4_dir / ".int4.tmp").exists()
+    assert '- "int4"' in (int4_dir / "README.md").read_text()  # its model card, tagged
     float_model = ds.from_pretrained(tiny_model_dir)
     direct = quantize(copy.deepcopy(float_model), QuantConfig(method="int4", group_size=32))
     loaded = ds.from_pretrained(int4_dir)
@@ -240,7 +241,7 @@ def test_qat_finetune_writes_a_quantized_model(tiny_model_dir, tmp_path):
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         assert rel(quantized(ids).logits, trained(ids).logits) < 0.02
-    assert (out / "quantized/tokenizer.json").is_file()
+    assert (out / "quantized/tokenizer.json").is_file() and '- "qat"' in (out / "quantized/README.md").read_text()
     shutil.rmtree(out)
     r = CliRunner().invoke(app, [*args, "--qat", "int4", "--lora-r", "4"])
     assert r.exit_code == 1 and "--qat trains the whole language model" in r.output

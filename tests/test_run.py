@@ -58,6 +58,8 @@ def test_run_writes_report_plot_and_checkpoint(run_dir):
     assert len(train) >= 2 and train[-1] < train[0] - 0.3, train
     assert summary["val_loss"] < math.log(512) - 0.3, summary
     assert report.count("```python") == 4
+    card = (Path(summary["checkpoint"]) / "README.md").read_text()  # the model card, in the folder that loads
+    assert "val_bpb" in card and "unigram_baseline_bpb" in card and "deepsail run --out" in card
 
 
 def test_generate_samples_from_the_run_folder(run_dir):

@@ -1,13 +1,15 @@
-"""`deepsail quantize`: a float model folder (or a run folder) in, a quantized model folder out."""
+"""`deepsail quantize`: a float model folder (or a run folder) in, a quantized model folder and its card out."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from deepsail.card import invocation, write_model_card
 from deepsail.compress.quantize import QuantConfig, quantization_config_of, quantize, save_quantized
 from deepsail.files import check_folder
 from deepsail.flags import Options, options
@@ -53,6 +55,21 @@ def quantize_command(
     quantize(float_model, cfg)
     save_quantized(float_model, out, copy_from=source)
     qc = float_model.quantization_config
+    group = ["--group-size", str(cfg.group_size)] if cfg.method == "int4" else []
+    write_model_card(
+        out,
+        config=float_model.config,
+        title=out.name,
+        summary=f"{source} with its weights quantized to {cfg.method} by deepsail "
+        f"({_size_mb(source):.1f} MB -> {_size_mb(out):.1f} MB of safetensors).",
+        base_model=str(source),
+        data=[f"Unchanged from {source}: quantization reads no data."],
+        metrics={"safetensors_mb": round(_size_mb(out), 2), "base_safetensors_mb": round(_size_mb(source), 2)},
+        how_made=invocation(
+            shlex.join(["deepsail", "quantize", str(model), "--method", cfg.method, *group, "--out", str(out)])
+        ),
+        quantization=qc,
+    )
     typer.echo(
         f"{cfg.method}{f' (group {cfg.group_size})' if cfg.method == 'int4' else ''}: {_size_mb(source):.1f} MB -> "
         f"{_size_mb(out):.1f} MB in {time.perf_counter() - t0:.1f} s; kept float: "

@@ -1,13 +1,19 @@
-"""`deepsail export onnx | gguf | pt2 | hf`: a trained model as files other runtimes load."""
+"""`deepsail export onnx | gguf | pt2 | hf`: a trained model as files other runtimes load.
+
+`export hf` writes a folder, and its model card (README.md, `deepsail.card`) with it; the single-file formats carry
+their metadata inside the file (GGUF's general.* keys, the ONNX and torch.export graphs' own), so they get none.
+"""
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from deepsail.card import invocation, write_model_card
 from deepsail.export.gguf import gguf_command
 from deepsail.precision import PRECISION_HELP
 
@@ -122,6 +128,17 @@ def hf_command(
         where = next((w for w in (folder, tokenizer_home) if (w / name).is_file()), None)
         if where is not None:
             atomic_write_bytes(out / name, (where / name).read_bytes())
+    command = ["deepsail", "export", "hf", str(model), "--out", str(out), "--max-shard-size", max_shard_size]
+    write_model_card(
+        out,
+        config=m.config,
+        title=out.name,
+        summary=f"{folder} exported by deepsail as an HF checkpoint (safetensors shards of at most {max_shard_size}, "
+        f"{'as saved' if word == 'auto' else word}).",
+        base_model=str(folder),
+        data=[f"As {folder} was trained; its own card (if it has one) says how, and what it measured."],
+        how_made=invocation(shlex.join([*command, "--precision", precision])),
+    )
     _done(out, t0)
 
 

@@ -4,25 +4,25 @@
     result = pretrain(TrainConfig(data="data", out="runs/base", model_preset="deepseek-v3-mini", minutes=10))
 
 A user of the one loop (`loop.py`): it opens the data and its tokenizer, builds (or, on resume, loads) the model,
-and hands `train_loop` the packed batches, `next_token_loss` and `evaluate` (loss, perplexity, bits per byte).
+and hands `train_loop` the packed batches, `next_token_loss` and `evaluate` (loss, perplexity, bits per byte: it is
+`deepsail.eval.metrics.evaluate_lm`, the one definition every verb reports).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 import typer
 from rich.console import Console
 
+from deepsail.eval.metrics import evaluate_lm as evaluate  # validation: loss, perplexity, bits per byte
 from deepsail.flags import Options, options
-from deepsail.model import IGNORE_INDEX, ModelConfig, Transformer, from_pretrained
+from deepsail.model import ModelConfig, Transformer, from_pretrained
 from deepsail.precision import resolve_device, resolve_precision
-from deepsail.train.amp import autocast
 from deepsail.train.checkpoint import read_trainer_state, resumable_checkpoint
 from deepsail.train.config import TrainConfig
 from deepsail.train.loop import TrainResult, check_resumable, seed_everything, train_loop
@@ -34,66 +34,6 @@ def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Ten
     out = model(x_BT, labels=y_BT)
     parts = {"loss": out.loss, "lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
     return {k: v for k, v in parts.items() if v is not None}
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    token_bytes: torch.Tensor | None,
-    device: torch.device,
-    precision: str,
-) -> dict[str, float]:
-    """Validation loss (nats/token), perplexity, and bits per byte.
-
-    Bits per byte makes models with different tokenizers comparable: it is the total code length of
-    the text under the model, in bits, divided by the text's size in UTF-8 bytes. Exactly:
-        bpb = sum_t nll_t / ln 2  /  sum_t bytes(y_t)
-    over every target token y_t with bytes(y_t) > 0, where `token_bytes[id]` is the length of the
-    byte string token `id` stands for. With a byte-level BPE every token is a fixed byte string, so
-    the byte counts of consecutive tokens add up to exactly the UTF-8 length of the text they spell
-    (decoding single tokens with `.decode` would not: a token ending mid-character decodes to U+FFFD).
-    Special tokens (document separators) are 0 bytes; their loss is left out of the numerator too,
-    so bpb measures the text alone, as in nanochat. Loss and perplexity count every target token.
-    `token_bytes` None (a tokenizer that is not byte-level) gives bpb = nan.
-    """
-    was_training = model.training
-    model.eval()
-    if token_bytes is None:
-        token_bytes = torch.zeros(model.config.vocab_size, dtype=torch.int64)
-    token_bytes = token_bytes.to(device)
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    nll_text = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = torch.zeros((), dtype=torch.int64, device=device)
-    n_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for x_BT, y_BT in batches:
-        x_BT, y_BT = x_BT.to(device), y_BT.to(device)
-        with autocast(device, precision):
-            logits_BTV = model(x_BT).logits
-        # Row by row, so the fp32 copy of the logits is T x V, not B x T x V (8 GB at B=8, T=2k, V=129k).
-        nll_BT = torch.stack(
-            [
-                F.cross_entropy(logits_BTV[b].float(), y_BT[b], ignore_index=IGNORE_INDEX, reduction="none")
-                for b in range(len(y_BT))
-            ]
-        )
-        valid_BT = y_BT != IGNORE_INDEX
-        bytes_BT = torch.where(valid_BT, token_bytes[y_BT.clamp(min=0)], 0)
-        nll_sum += nll_BT[valid_BT].sum(dtype=torch.float64)
-        nll_text += nll_BT[bytes_BT > 0].sum(dtype=torch.float64)
-        n_tokens += valid_BT.sum()
-        n_bytes += bytes_BT.sum()
-    model.train(was_training)
-    if n_tokens.item() == 0:
-        raise ValueError("evaluation saw no tokens: the val split is empty; re-prepare the data with a val split.")
-    loss = (nll_sum / n_tokens).item()
-    return {
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "bpb": (nll_text / (math.log(2) * n_bytes)).item() if n_bytes.item() else float("nan"),
-        "tokens": int(n_tokens.item()),
-        "bytes": int(n_bytes.item()),
-    }
 
 
 def pretrain(
@@ -167,6 +107,41 @@ def pretrain(
     )
 
 
+def write_card(
+    result: TrainResult,
+    cfg: TrainConfig,
+    *,
+    title: str,
+    how_made: str,
+    data: Sequence[str] = (),
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """The model card of a pretraining run, in the checkpoint `latest` names: the folder `deepsail generate RUN`,
+    `ds.from_pretrained` and `deepsail export hf RUN` load (the run root is a training folder, not a model)."""
+    from deepsail.card import write_model_card
+    from deepsail.data.loader import read_manifest
+    from deepsail.model.hf import read_config
+
+    folder = Path(result.checkpoint)
+    manifest = read_manifest(cfg.data)
+    splits = manifest["splits"]
+    shards = (
+        f"{manifest['bytes'] / 1e6:.1f} MB of text in {cfg.data}: {splits['train']['tokens']:,} train tokens, "
+        f"{splits['val']['tokens']:,} validation tokens; {result.tokens:,} tokens trained on"
+    )
+    return write_model_card(
+        folder,
+        config=read_config(folder),
+        title=title,
+        summary=f"Pretrained from scratch with deepsail: {result.step:,} steps in {result.elapsed_s / 60:.1f} minutes "
+        f"({result.precision} on {result.device}).",
+        data=[*data, shards],
+        training=cfg.to_dict(),
+        metrics={f"val_{k}": v for k, v in result.val.items()} | (metrics or {}),
+        how_made=how_made,
+    )
+
+
 # -----------------------------------------------------------------------------
 # The CLI verb: `deepsail pretrain`. Its flags are TrainConfig's knobs.
 
@@ -190,20 +165,34 @@ def pretrain_command(
       deepsail pretrain --out runs/mini --resume              # exact continuation after a crash or kill -9
       deepsail pretrain --out runs/mini --resume --steps 5000 # continue, with one setting changed
     """
+    from deepsail.card import invocation
+
     if not resume:
         if "minutes" in given and "steps" not in given:
             cfg = cfg.replace(steps=None)  # a time budget alone: no step limit
-        return pretrain(cfg)
-    # Resume: the saved config is the base; only the flags given on this command line change it.
-    ckpt, _ = resumable_checkpoint(Path(cfg.out) / "checkpoints")
-    if ckpt is None:
-        return pretrain(cfg, resume=True)  # which explains why there is nothing to resume
-    state = read_trainer_state(ckpt)
-    if "train_config" not in state:
-        raise ValueError(
-            f"{ckpt / 'trainer_state.json'} records no train_config to resume with; it was not written "
-            "by `deepsail pretrain`."
-        )
-    saved = TrainConfig.from_dict(state["train_config"])
-    changed: dict[str, Any] = {k: getattr(cfg, k) for k in given if k in TrainConfig.__dataclass_fields__}
-    return pretrain(saved.replace(**changed), resume=True)
+    else:
+        # Resume: the saved config is the base; only the flags given on this command line change it.
+        ckpt, _ = resumable_checkpoint(Path(cfg.out) / "checkpoints")
+        if ckpt is None:
+            return pretrain(cfg, resume=True)  # which explains why there is nothing to resume
+        state = read_trainer_state(ckpt)
+        if "train_config" not in state:
+            raise ValueError(
+                f"{ckpt / 'trainer_state.json'} records no train_config to resume with; it was not written "
+                "by `deepsail pretrain`."
+            )
+        saved = TrainConfig.from_dict(state["train_config"])
+        changed: dict[str, Any] = {k: getattr(cfg, k) for k in given if k in TrainConfig.__dataclass_fields__}
+        cfg = saved.replace(**changed)
+    result = pretrain(cfg, resume=resume)
+    budget = " ".join(f"--{k} {v:g}" for k, v in (("steps", cfg.steps), ("minutes", cfg.minutes)) if v is not None)
+    write_card(
+        result,
+        cfg,
+        title=Path(cfg.out).name,
+        how_made=invocation(
+            f"deepsail pretrain --data {shlex.quote(cfg.data)} --model-preset {cfg.model_preset} {budget} "
+            f"--out {shlex.quote(cfg.out)}"
+        ),
+    )
+    return result

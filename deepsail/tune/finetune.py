@@ -11,7 +11,7 @@ head if the task wants one; then for each stage (one implicit stage without --st
 (`stages.py`) and hand model, batches and loss to the one training loop (`train/loop.py`): checkpoints, exact
 resume, metrics, progress and plots are the loop's. At the end: `RUN/model/` (an HF folder, adapter merged, with
 the tokenizer and the Fisher information a later `--ewc-lambda` run needs), `RUN/adapter/` (peft's format) when
-LoRA was on, and `RUN/report.md`.
+LoRA was on, each with its model card (README.md), and `RUN/report.md`.
 
 Run folder: a single stage trains in RUN itself; stages train in RUN/stages/<k>_<name>/, each a loop run folder.
 A checkpoint holds the weights that have trained so far (`tuned.safetensors`, deepsail names) and the adapter in
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `base` on `data` as `tune` says (see the module docstring); `cfg.out` is the run folder."""
     from deepsail.data.tokenizer import token_byte_lengths
-    from deepsail.train.pretrain import evaluate as lm_evaluate
+    from deepsail.eval.metrics import evaluate_lm as lm_evaluate
     from deepsail.tune import heads
     from deepsail.tune.data import ExampleBatches, chat_examples, class_examples
 
@@ -513,6 +514,7 @@ def finetune(
         quantized_dir = out / "quantized"
         save_quantized(convert_qat(trunk), quantized_dir, copy_from=model_dir)
     val = {k.removeprefix("val_"): v for k, v in results[-1].items() if k.startswith("val_")}
+    write_cards(out, base, base_dir, trunk.config, cfg, tune, data, source, results, baseline, adapter_dir)
     report = write_report(out, tune, results, val, baseline, source, base_dir, adapter_dir)
     console.print(
         f"model: {model_dir}"
@@ -523,6 +525,71 @@ def finetune(
     return FinetuneResult(
         str(out), str(model_dir), str(adapter_dir) if adapter_dir else None, results, val, baseline, str(report)
     )
+
+
+def write_cards(
+    out: Path,
+    base: str | Path,
+    base_dir: Path,
+    config: Any,
+    cfg: TrainConfig,
+    tune: TuneConfig,
+    data: str,
+    source: str,
+    results: list[dict[str, Any]],
+    baseline: dict[str, float] | None,
+    adapter_dir: Path | None,
+) -> None:
+    """Model cards for RUN/model, RUN/adapter (as peft writes one beside its adapters) and RUN/quantized."""
+    from deepsail.card import invocation, write_model_card
+
+    verb = "sft" if tune.task == "sft" else "finetune"
+    command = ["deepsail", verb, str(base), "--out", str(out)] + (["--data", data] if data else [])
+    command += ["--task", tune.task] if verb == "finetune" and tune.task != "lm" else []
+    command += ["--lora-r", str(tune.lora_r), "--lora-alpha", f"{tune.lora_alpha:g}"] if tune.lora_r else []
+    command += (["--stages", tune.stages] if tune.stages else []) + (["--qat", tune.qat] if tune.qat else [])
+    how = "staged (" + ", ".join(r["stage"] for r in results) + ")" if tune.stages else "full"
+    how = f"LoRA r={tune.lora_r}" if tune.lora_r and not tune.stages else how
+    common = dict(
+        config=config,
+        title=out.name,
+        data=[f"{source} (task: {tune.task})"],
+        training={
+            "train": cfg.to_dict(),
+            "tune": dataclasses.asdict(tune),
+            "stages": [{k: r[k] for k in ("stage", "step", "tokens") if k in r} for r in results],
+        },
+        metrics={k: v for k, v in results[-1].items() if k.startswith("val_")}
+        | {f"bag_of_words_{k}": v for k, v in (baseline or {}).items()},
+        how_made=invocation(shlex.join(command)),
+        pipeline_tag="text-classification" if tune.task == "classify" else "text-generation",
+        tags=["fine-tuned", *(["lora"] if tune.lora_r else []), *(["sft"] if tune.task == "sft" else [])],
+    )
+    write_model_card(
+        out / "model",
+        base_model=str(base_dir),
+        summary=f"{base_dir} fine-tuned with deepsail, {how}" + (", the adapter merged in." if tune.lora_r else "."),
+        **common,
+    )
+    if adapter_dir is not None:
+        _, raw = L.read_adapter_config(adapter_dir)
+        adapter_base = str(raw.get("base_model_name_or_path") or base_dir)
+        write_model_card(
+            adapter_dir,
+            kind="adapter",
+            base_model=adapter_base,
+            summary=f"A LoRA adapter for {adapter_base}.",
+            **common,
+        )
+    if tune.qat:
+        quantized = out / "quantized"
+        write_model_card(
+            quantized,
+            base_model=str(base_dir),
+            summary=f"{base_dir} trained with {tune.qat} fake quantization (QAT), then converted.",
+            quantization=quantization_config_of(quantized),
+            **common | {"tags": [*common["tags"], "qat"]},
+        )
 
 
 def write_report(

@@ -1,4 +1,5 @@
-"""Task heads: a sequence classifier on a deepsail trunk, its metrics, and the bag-of-words baseline it must beat.
+"""Task heads: a sequence classifier on a deepsail trunk, its evaluation (accuracy and macro-F1, from
+`deepsail.eval.metrics`), and the bag-of-words baseline it must beat.
 
 The "light task layer" of the design: the trunk (base model, or base + domain adapter) reads the text; the
 representation of its last real token (a causal model has read everything by then) goes through the trunk's final
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from deepsail.eval.metrics import accuracy_f1
 
 CLASSIFIER_CONFIG = "classifier.json"
 SCORE_WEIGHTS = "score.safetensors"
@@ -76,18 +79,6 @@ def classify_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[str
     return {"loss": F.cross_entropy(model(x, lengths).float(), y)}
 
 
-def scores(predicted: Sequence[int], actual: Sequence[int], n_classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (the unweighted mean of per-class F1; a class never predicted nor present is skipped)."""
-    p, a = torch.as_tensor(list(predicted)), torch.as_tensor(list(actual))
-    f1s = []
-    for c in range(n_classes):
-        tp = int(((p == c) & (a == c)).sum())
-        fp, fn = int(((p == c) & (a != c)).sum()), int(((p != c) & (a == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float((p == a).float().mean()), "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
-
-
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> dict[str, float]:
     was = model.training
@@ -99,7 +90,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
         predicted += logits.argmax(-1).tolist()
         actual += y.tolist()
     model.train(was)
-    return {"loss": loss_sum / len(actual), **scores(predicted, actual, len(model.labels))}
+    return {"loss": loss_sum / len(actual), **accuracy_f1(predicted, actual, len(model.labels))}
 
 
 def bag_of_words_baseline(
@@ -131,4 +122,4 @@ def bag_of_words_baseline(
     with torch.no_grad():
         logits = x_val @ w + b
         loss = F.cross_entropy(logits, y_val).item()
-    return {"loss": loss, **scores(logits.argmax(-1).tolist(), y_val.tolist(), n_classes)}
+    return {"loss": loss, **accuracy_f1(logits.argmax(-1), y_val, n_classes)}
