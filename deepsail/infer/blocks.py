@@ -64,6 +64,14 @@ class BlockAllocator:
         self.refs[block] += 1
         return block
 
+    def forget_prefixes(self) -> None:
+        """Drop the prefix cache: no block is findable any more, and cached-but-unused blocks become free. For when
+        the weights changed (a training step between GRPO rollouts): the cached keys and values are the old model's."""
+        self.free.extend(self.evictable)
+        self.evictable.clear()
+        self.key_of.clear()
+        self.block_of.clear()
+
     def register(self, block: int, key: BlockKey) -> None:
         """Make a full block findable. If an identical block is registered already, keep that one."""
         if key not in self.block_of and block not in self.key_of:

@@ -358,6 +358,13 @@ class Engine:
             itl_seconds=list(self._itl),
         )
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix; call it after the model's weights change (RL trains the model this engine
+        samples from), so no request reuses keys and values the old weights computed. Only between requests."""
+        if self.has_work:
+            raise RuntimeError("reset_prefix_cache() while requests are in flight; call it when the engine is idle")
+        self.allocator.forget_prefixes()
+
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._inbox or self._cancels)

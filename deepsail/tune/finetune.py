@@ -48,6 +48,7 @@ from deepsail.tune.load import BASE_FILE, TUNED, from_pretrained, load_tuned
 from deepsail.tune.stages import Stage, read_stages, select_trainable
 
 TASKS = ("lm", "classify", "sft")
+EMBEDDED_TASK_EXAMPLES = 4000  # `deepsail sft --data embedded:arithmetic`: worked problems from the train split
 
 
 @dataclass
@@ -170,7 +171,13 @@ def _split_records(records: list[dict], fraction: float) -> tuple[list[dict], li
 def _records(task: str, data: str, tune: TuneConfig, console: Console) -> tuple[list[dict], list[dict], str]:
     from deepsail.data.tasks import docstring_chats, module_chunks
     from deepsail.tune.data import read_jsonl
+    from deepsail.tune.tasks import demonstration_chats, parse_embedded
 
+    embedded = parse_embedded(data) if task == "sft" else None
+    if embedded:  # the verifiable tasks' worked demonstrations (the SFT stage of the R1 recipe)
+        name, digits = embedded
+        train = demonstration_chats(name, "train", EMBEDDED_TASK_EXAMPLES, digits=digits)
+        return train, demonstration_chats(name, "test", 200, digits=digits), data
     if data:
         train, val = _split_records(read_jsonl(data), tune.val_fraction)
         return train, val, data
@@ -696,7 +703,10 @@ def sft_command(
     tune: TuneConfig,
     data: Annotated[
         str,
-        typer.Option(help='Chats: JSONL of {"messages": [{"role": ..., "content": ...}, ...]} (default: embedded).'),
+        typer.Option(
+            help='Chats: JSONL of {"messages": [{"role": ..., "content": ...}, ...]}, or embedded:TASK[:DIGITS] for a '
+            "verifiable task's worked demonstrations (default: embedded stdlib instructions)."
+        ),
     ] = "",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
     given: frozenset[str] = frozenset(),
@@ -709,6 +719,7 @@ def sft_command(
     Examples:
       deepsail sft runs/base --out runs/sft                       # embedded stdlib instructions
       deepsail sft runs/base --data chats.jsonl --lora-r 16 --epochs 3 --out runs/chat
+      deepsail sft runs/base --data embedded:arithmetic --out runs/r1-sft   # the R1 recipe's SFT stage
     """
     tune = dataclasses.replace(tune, task="sft")
     return finetune(base, cfg, tune, data=data, resume=resume, steps_given="steps" in given)

@@ -124,6 +124,27 @@ def demonstration(problem: Problem) -> str:
     return f"<think>{problem.steps}</think>\n<answer>{problem.answer}</answer>"
 
 
+def demonstration_chats(task: str, split: str, n: int, seed: int = 0, digits: int = 2) -> list[dict]:
+    """SFT records (`{"messages": [...]}`): `n` problems of `split`, each answered by its demonstration."""
+    return [
+        {"messages": [*messages(p), {"role": "assistant", "content": demonstration(p)}], "source": f"{task}/{split}"}
+        for p in problems(task, split, n, seed=seed, digits=digits)
+    ]
+
+
+def parse_embedded(spec: str) -> tuple[str, int] | None:
+    """`embedded:TASK` or `embedded:TASK:DIGITS` (the SFT data of the R1 recipe) -> (task, digits); None otherwise."""
+    if not spec.startswith("embedded:"):
+        return None
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[1] not in GENERATORS or (len(parts) == 3 and not parts[2].isdigit()):
+        raise ValueError(
+            f"--data {spec!r}: the embedded task data is embedded:TASK or embedded:TASK:DIGITS with TASK one of "
+            f"{', '.join(GENERATORS)} (e.g. embedded:arithmetic:2)."
+        )
+    return parts[1], int(parts[2]) if len(parts) == 3 else 2
+
+
 def wrong_reply(problem: Problem, rng: random.Random) -> str:
     """A well-formed reply with a wrong answer: numbers nudged by a small amount (the rejected side of DPO pairs)."""
     nums = re.findall(r"-?\d+", problem.answer)
