@@ -72,7 +72,7 @@ class GRPOConfig:
     digits: int = knob(2, "Operand size of the task's problems (digits per number).")
     num_generations: int = knob(8, "G: samples per prompt; advantages are relative to the group (at least 2).")
     prompts_per_step: int = knob(8, "P: problems per optimizer step (P x G rollouts); split across --grad-accum.")
-    max_completion_tokens: int = knob(48, "Longest reply sampled; a reply cut here gets no format reward.")
+    max_completion_tokens: int = knob(96, "Longest reply sampled; a reply cut here gets no format reward.")
     temperature: float = knob(1.0, "Sampling temperature of the rollouts (the loss uses the same).")
     beta: float = knob(0.04, "KL penalty (k3) against the frozen starting model; 0 = none (no reference pass).")
     epsilon: float = knob(0.2, "Clip range of the importance ratio: [1 - eps, 1 + eps_high].")
@@ -379,6 +379,18 @@ def task_accuracy(
         for (text, _), p, a in zip(replies[:samples], problems, acc)
     ]
     return metrics, shown
+
+
+def heldout_accuracy(model_dir: str | Path, gcfg: GRPOConfig | None = None) -> dict[str, float]:
+    """Held-out greedy accuracy of any model folder on a task (the recipe's base / SFT / GRPO table)."""
+    gcfg = gcfg or GRPOConfig()
+    folder, tokenizer = resolve_base(model_dir)
+    model = load_base(folder, torch.device("cpu"))
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{folder}'s tokenizer has no chat template; the task prompts are chats.")
+    longest = max(len(prompt_ids(tokenizer, p)) for p in T.problems(gcfg.task, "test", gcfg.eval_problems))
+    engine = make_engine(model, tokenizer, gcfg.eval_problems, longest + gcfg.max_completion_tokens)
+    return task_accuracy(engine, model, tokenizer, gcfg)[0]
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
