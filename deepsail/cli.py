@@ -16,6 +16,7 @@ from deepsail.run import run
 from deepsail.serve.cli import serve_command
 from deepsail.train.pretrain import pretrain_command
 from deepsail.tune.distill import distill_command
+from deepsail.tune.dpo import dpo_command
 from deepsail.tune.finetune import finetune_command, sft_command
 from deepsail.tune.grpo import grpo_command
 
@@ -53,6 +54,7 @@ app.add_typer(data_app, name="data")
 app.command("pretrain")(cli_verb(pretrain_command))
 app.command("finetune")(cli_verb(finetune_command))
 app.command("sft")(cli_verb(sft_command))
+app.command("dpo")(cli_verb(dpo_command))
 app.command("grpo")(cli_verb(grpo_command))
 app.command("distill")(cli_verb(distill_command))
 app.command("quantize")(cli_verb(quantize_command))
