@@ -16,17 +16,18 @@ start=$(date +%s)
 
 if [ -z "${BASE:-}" ]; then   # 1. pretrain on the embedded corpus (the stdlib): a tokenizer and a base that reads text
   BASE=$OUT/base
-  [ -e "$BASE/summary.json" ] || $DS run --out "$BASE" --minutes "${PRETRAIN_MINUTES:-6}"
+  [ -e "$BASE/summary.json" ] || $DS run --out "$BASE" --minutes "${PRETRAIN_MINUTES:-5}"
 fi
-# 2. SFT: 4,000 worked problems (<think> steps </think> <answer> n </answer>), loss on the replies only
+# 2. SFT: 6,000 worked problems (<think> column steps </think> <answer> n </answer>), loss on the replies only
 [ -e "$OUT/sft/report.md" ] || $DS sft "$BASE" --data embedded:arithmetic --out "$OUT/sft" \
-  --epochs "${SFT_EPOCHS:-2}" --lr 1e-3 --min-lr 1e-4 --batch-size 32 --eval-every 0
+  --epochs "${SFT_EPOCHS:-2}" --lr 1e-3 --min-lr 1e-4 --batch-size 4 --eval-every 0
 # 3. GRPO: 8 problems x 8 samples per step from the engine, rule rewards, DAPO loss, k3 KL to the SFT model
 [ -e "$OUT/grpo/report.md" ] || $DS grpo "$OUT/sft" --task arithmetic --out "$OUT/grpo" \
-  --minutes "${GRPO_MINUTES:-10}" --steps 100000 --lr "${GRPO_LR:-5e-5}" --eval-problems 200 --eval-every 50 --ckpt-every 50
+  --minutes "${GRPO_MINUTES:-10}" --steps 100000 --lr "${GRPO_LR:-1e-4}" --temperature 0.8 --max-completion-tokens 80 \
+  --eval-problems 200 --eval-every 50 --ckpt-every 50
 
 # 4. the same 200 held-out problems, greedy, for all three
-python - "$BASE" "$OUT" "$start" <<'PY'
+${PYTHON:-python} - "$BASE" "$OUT" "$start" <<'PY'
 import sys, time
 from pathlib import Path
 from deepsail.files import atomic_write_text

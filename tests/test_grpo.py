@@ -197,3 +197,26 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, tmp_path):
     assert r.exit_code == 1 and "unknown task 'poetry'" in r.output
     r = runner.invoke(app, ["grpo", *base, "--prompts-per-step", "3", "--grad-accum", "2", "--steps", "1"])
     assert r.exit_code == 1 and "multiple of --grad-accum" in r.output
+
+
+def test_sft_on_a_tasks_worked_demonstrations(tiny_model_dir, tmp_path):
+    """The recipe's SFT stage: `--data embedded:TASK[:DIGITS]` trains on the task's demonstrations, validates on its
+    held-out split; a misspelt task is one clear line."""
+    out = tmp_path / "sft"
+    args = [
+        "sft",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--ewc-batches",
+        "0",
+        "--precision",
+        "fp32",
+    ]
+    r = CliRunner().invoke(app, [*args, "--data", "embedded:sorting:1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "embedded:sorting:1" in (out / "report.md").read_text() and (out / "model/config.json").is_file()
+    r = CliRunner().invoke(app, [*args, "--data", "embedded:poetry", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 1 and "embedded:TASK or embedded:TASK:DIGITS" in r.output

@@ -48,7 +48,7 @@ from deepsail.tune.load import BASE_FILE, TUNED, from_pretrained, load_tuned
 from deepsail.tune.stages import Stage, read_stages, select_trainable
 
 TASKS = ("lm", "classify", "sft")
-EMBEDDED_TASK_EXAMPLES = 4000  # `deepsail sft --data embedded:arithmetic`: worked problems from the train split
+EMBEDDED_TASK_EXAMPLES = 6000  # `deepsail sft --data embedded:arithmetic`: worked problems from the train split
 
 
 @dataclass
