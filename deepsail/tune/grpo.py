@@ -334,7 +334,12 @@ def generate(
     model.eval()  # no MoE load statistics or aux loss from sampling
     engine.reset_prefix_cache()  # the weights changed since the cached prefixes were computed
     try:
-        handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+        # The first prompt goes in alone for one step, so its full KV blocks (the chat template and the format
+        # instruction every prompt starts with; the whole prompt for the other G - 1 samples of its problem) are
+        # in the prefix cache before the rest are admitted and point their block tables at them.
+        handles = [engine.submit(prompts[0], params[0])]
+        engine.step()
+        handles += [engine.submit(p, sp) for p, sp in zip(prompts[1:], params[1:])]
         engine.run_until_idle()
         return [h.result()[:2] for h in handles]
     finally:
@@ -388,7 +393,8 @@ def heldout_accuracy(model_dir: str | Path, gcfg: GRPOConfig | None = None) -> d
     model = load_base(folder, torch.device("cpu"))
     if tokenizer.chat_template is None:
         raise ValueError(f"{folder}'s tokenizer has no chat template; the task prompts are chats.")
-    longest = max(len(prompt_ids(tokenizer, p)) for p in T.problems(gcfg.task, "test", gcfg.eval_problems))
+    held_out = T.problems(gcfg.task, "test", gcfg.eval_problems, digits=gcfg.digits)
+    longest = max(len(prompt_ids(tokenizer, p)) for p in held_out)
     engine = make_engine(model, tokenizer, gcfg.eval_problems, longest + gcfg.max_completion_tokens)
     return task_accuracy(engine, model, tokenizer, gcfg)[0]
 
@@ -565,8 +571,9 @@ CURVES = (
 )
 
 
-def plot_curves(metrics_path: Path, path: Path) -> Path:
-    """`grpo.png`: the run's curves (reward, accuracy train and held-out, KL, length, clip fraction) by step."""
+def plot_curves(metrics_path: Path, path: Path, start: dict[str, float] | None = None) -> Path:
+    """`grpo.png`: the run's curves (reward, accuracy train and held-out, KL, length, clip fraction) by step; the
+    held-out curve starts at step 0 with `start`, the starting policy's figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,6 +585,8 @@ def plot_curves(metrics_path: Path, path: Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, split, title) in zip(axes.flat, CURVES):
         pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
+        if split == "val" and start and key in start:
+            pts.insert(0, (0, start[key]))
         if pts:
             ax.plot(*zip(*pts), marker="o" if split == "val" else None, markersize=3)
         ax.set_title(title)
@@ -603,7 +612,7 @@ def write_report(
 ) -> Path:
     from deepsail.card import _block, _text
 
-    plot = plot_curves(Path(result.metrics_path), out / "grpo.png")
+    plot = plot_curves(Path(result.metrics_path), out / "grpo.png", start)
     gap = 1 - start["accuracy"]
     closed = (final["accuracy"] - start["accuracy"]) / gap if gap > 0 else float("nan")
     lines = [
