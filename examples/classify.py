@@ -6,10 +6,11 @@
 
 Raw files in, report out: a folder with one subfolder per label (`DIR/<label>/*.txt`, any depth below the label)
 or a JSONL of `{"text", "label"}` becomes OUT/data.jsonl, the labelled file the fine-tuning verb reads; the verb
-itself (`finetune_command`, deepsail/tune/finetune.py, through the one training loop) trains LoRA and a linear
-head on the last token's hidden state, and scores the bag-of-words baseline on the same split. This script then
-loads the saved classifier back (OUT/run/model, as a user would), predicts the held-out records, and writes
-OUT/report.md: accuracy and macro-F1 beside the baseline's, and the confusion matrix (OUT/confusion.png).
+itself (`finetune_command`, deepsail/tune/finetune.py, through the one training loop) trains the model (every
+weight by default; LoRA with --lora-r) and a linear head on the last token's hidden state, and scores the
+bag-of-words baseline on the same split. This script then loads the saved classifier back (OUT/run/model, as a
+user would), predicts the held-out records, and writes OUT/report.md: accuracy and macro-F1 beside the
+baseline's, and the confusion matrix (OUT/confusion.png).
 
 Without --data it writes its own raw folder first, OUT/embedded/<package>/*.txt: windows of stdlib source labelled
 with the package they come from (deepsail/data/tasks.py's `module_chunks`, the embedded classify task), so the
@@ -172,9 +173,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("base", help="The model to adapt: a `deepsail run` folder, an HF folder, or an adapter folder.")
     parser.add_argument("--data", default="", help="DIR/<label>/*.txt or a JSONL of {text, label}; default embedded.")
     parser.add_argument("--out", default="runs/classify-example", help="A new folder for the run and the report.")
-    parser.add_argument("--steps", type=int, default=150, help="Optimizer steps of fine-tuning.")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (0 = every weight trains).")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate (the verb's default).")
+    # Measured on the embedded task from a 5-minute `deepsail run` model (173 held-out chunks, bag of words 0.908):
+    # LoRA r=8 at lr 1e-4 for 150 steps 0.173 accuracy (the head barely moves), at 1e-3 0.376; every weight
+    # training at 5e-4 for 300 steps 0.757. Hence these defaults; --lora-r 8 keeps the base frozen.
+    parser.add_argument("--steps", type=int, default=300, help="Optimizer steps of fine-tuning.")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = every weight trains).")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Peak learning rate.")
     parser.add_argument("--batch-size", type=int, default=8, help="Texts per batch (at most seq-len tokens each).")
     parser.add_argument("--seq-len", type=int, default=256, help="Tokens kept per text (the start of it).")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="Share of the texts held out for the report.")

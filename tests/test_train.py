@@ -635,7 +635,8 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resumes_exactly(data_dir, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     code, stderr = report["first"]
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # threads.py's once-per-process note ("1 of 2 cores are busy ...") may precede the error on a loaded machine
+    lines = [line for line in stderr.splitlines() if line.strip() and "cores are busy" not in line]
     assert code == 1 and len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith("error: no space left on the device") and "last good checkpoint is" in lines[0]
     steps = [c for c in report["ckpts"] if c != "latest"]
