@@ -172,6 +172,14 @@ def check_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
+def check_run_folder(path: str | os.PathLike, resume: bool) -> Path:
+    """A run's --out: a new (or empty) folder, or with `resume` the folder of the run to continue."""
+    path = check_folder(path)
+    if not resume and path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{path} already holds files; pass --resume to continue that run, or choose a new --out.")
+    return path
+
+
 def ensure_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create `path` as a folder (see `check_folder`)."""
     path = check_folder(path, flag)

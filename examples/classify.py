@@ -86,14 +86,14 @@ def predict_held_out(
     from deepsail.data.tokenizer import Tokenizer
     from deepsail.precision import resolve_device
     from deepsail.tune.data import ExampleBatches, class_examples
-    from deepsail.tune.finetune import _split_records
+    from deepsail.tune.finetune import split_records
     from deepsail.tune.heads import load_head
     from deepsail.tune.load import from_pretrained
 
     device = resolve_device(device)
     classifier = load_head(from_pretrained(model_dir, dtype="fp32", device=device), model_dir).eval()
     tokenizer = Tokenizer.load(model_dir)
-    _, val = _split_records(records, val_fraction)
+    _, val = split_records(records, val_fraction)
     examples = class_examples(val, tokenizer, max_len, classifier.labels)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     gold, predicted = [], []

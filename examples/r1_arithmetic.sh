@@ -6,6 +6,10 @@
 #   bash examples/r1_arithmetic.sh                    # everything into runs/r1
 #   BASE=runs/default bash examples/r1_arithmetic.sh  # start from an existing `deepsail run` (skips pretraining)
 #
+# Measured (2-core Intel Xeon, nothing else running): 24.3 min in all; held-out accuracy pretrained 0%, SFT 37.0%,
+# SFT + GRPO 59.5% (188 GRPO steps). Pretraining is not idle time: with 3 minutes instead of 5 the SFT model reached
+# 19.5% and 150 GRPO steps did not move it (15%); a policy has to be right often enough for groups to disagree.
+#
 # Outputs: runs/r1/{base,sft,grpo}/report.md; runs/r1/grpo/grpo.png holds the reward, accuracy, KL, reply length
 # and clip-fraction curves, runs/r1/summary.md the three-row table.
 set -euo pipefail

@@ -299,12 +299,16 @@ class BucketBatcher:
         return self
 
     def __next__(self) -> PaddedBatch:
+        return self.collate(self.next_indices())
+
+    def next_indices(self) -> np.ndarray:
+        """The next batch's document indices, advancing the position (for callers that collate their own way)."""
         plan = self._epoch_plan(self.epoch)
         idx = plan[self.step]
         self.step += 1
         if self.step == len(plan):
             self.epoch, self.step = self.epoch + 1, 0
-        return self.collate(idx)
+        return idx
 
     def collate(self, idx: np.ndarray) -> PaddedBatch:
         lengths = self.lengths[idx]

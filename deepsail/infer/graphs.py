@@ -7,7 +7,8 @@ routing and experts, the head — one torch.compile graph instead of ~2,000 eage
 The graph takes what varies as tensors: the tokens and the eager forward's own attention context (each row's
 rotary angles, the pool slot it writes, the slots and mask of every key position), made outside the graph. The key
 length L and the batch size are dynamic dims, so a conversation growing token by token replays one graph (batch 1
-and batch >= 2 are two, as PyTorch specialises size 1). The MoE layers take the gather route (`Experts.gathered`:
+and batch >= 2 are two, as PyTorch specialises size 1; where few-row products take the weight-major route, batches
+of 2..SMALL_ROWS and larger ones are two more). The MoE layers take the gather route (`Experts.gathered`:
 each token through its own top-k experts, static shapes), and few-row products the weight-major route `Linear`
 takes eagerly.
 
@@ -79,8 +80,11 @@ class CompiledDecode:
                 torch._dynamo.mark_dynamic(store, 0)
             self._marked_pool = cache.pool
         if ids_B1.shape[0] > 1:
+            # maybe_: the batch dim may be specialised into ranges (few-row products take the weight-major route up
+            # to SMALL_ROWS rows where it wins, `layers.linear`), giving a graph per range; mark_dynamic would make
+            # that guard an error (ConstraintViolationError at batch 64 in GRPO rollouts, on this Intel CPU).
             for t in (ids_B1, ctx.cos, ctx.sin, ctx.write_slots, ctx.write_rows, ctx.read_slots, ctx.mask):
-                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         logits = self._compiled(self.model, ids_B1, ctx)
         cache.lens += 1
         self.steps += 1

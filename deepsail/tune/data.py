@@ -176,12 +176,7 @@ class ExampleBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
-        plan = self.batcher._epoch_plan(self.batcher.epoch)
-        idx = plan[self.batcher.step]
-        self.batcher.step += 1
-        if self.batcher.step == len(plan):
-            self.batcher.epoch, self.batcher.step = self.batcher.epoch + 1, 0
-        return self.collate(idx)
+        return self.collate(self.batcher.next_indices())
 
     def state_dict(self) -> dict:
         return self.batcher.state_dict()

@@ -85,7 +85,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deepsail.data.loader import BucketBatcher, length_buckets
-from deepsail.files import atomic_dir, atomic_path, atomic_write_text
+from deepsail.files import atomic_dir, atomic_path, atomic_write_text, check_run_folder
 from deepsail.flags import Options, knob, options
 from deepsail.model import IGNORE_INDEX
 from deepsail.precision import resolve_device, resolve_precision
@@ -95,7 +95,15 @@ from deepsail.train.loop import TrainResult, check_resumable, seed_everything, t
 from deepsail.tune import lora as L
 from deepsail.tune import tasks as T
 from deepsail.tune.data import ROLES, Examples, read_jsonl
-from deepsail.tune.finetune import TuneConfig, _saver, _split_records, check_same_tuning, load_base, resolve_base
+from deepsail.tune.finetune import (
+    TuneConfig,
+    check_same_tuning,
+    load_base,
+    resolve_base,
+    save_policy,
+    split_records,
+    tuned_saver,
+)
 from deepsail.tune.load import load_tuned
 from deepsail.tune.stages import select_trainable
 
@@ -432,12 +440,7 @@ class PairBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        plan = self.batcher._epoch_plan(self.batcher.epoch)
-        idx = plan[self.batcher.step]
-        self.batcher.step += 1
-        if self.batcher.step == len(plan):
-            self.batcher.epoch, self.batcher.step = self.batcher.epoch + 1, 0
-        return self.collate(idx)
+        return self.collate(self.batcher.next_indices())
 
     def state_dict(self) -> dict:
         return self.batcher.state_dict()
@@ -579,18 +582,14 @@ def dpo(
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a run folder; choose another --out.")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out} already holds files; pass --resume to continue that run, or choose a new --out.")
+    out = check_run_folder(cfg.out, resume)
     if resume:
         check_same_dpo(out, dpo_cfg)
     base_dir, tokenizer = resolve_base(base)
 
     # --- the pairs ---
     if data:
-        train_records, val_records = _split_records(read_jsonl(data), tune.val_fraction)
+        train_records, val_records = split_records(read_jsonl(data), tune.val_fraction)
         source = data
     else:
         console.print(f"no --data: the embedded {dpo_cfg.task} pairs (a worked correct answer vs a wrong one)")
@@ -672,19 +671,11 @@ def dpo(
         },
         console=console,
         name="dpo",
-        save_model=_saver(touched, base_dir),
+        save_model=tuned_saver(touched, base_dir),
     )
 
     # --- outputs: merged model, adapter, cards, plots, report ---
-    model_dir, adapter_dir = out / "model", None
-    with atomic_dir(model_dir) as tmp:
-        model.save_pretrained(tmp)  # with LoRA: the adapter merged in (the model stays unmerged)
-        tokenizer.save(tmp)
-    if lora_cfg is not None:
-        adapter_dir = out / "adapter"
-        with atomic_dir(adapter_dir) as tmp:
-            L.write_adapter(model, tmp, base_model_name_or_path=str(base_dir.resolve()))
-            tokenizer.save(tmp)
+    model_dir, adapter_dir = save_policy(model, tokenizer, out, base_dir)
     val = dict(result.val)
     rewards_png = plot_rewards(out / "metrics.jsonl", out / "rewards.png", before)
     summary = result.to_dict()

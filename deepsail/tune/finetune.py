@@ -38,7 +38,7 @@ from torch import nn
 
 from deepsail.compress.qat import QAT_METHODS, apply_qat, convert_qat
 from deepsail.compress.quantize import QuantConfig, quantization_config_of, save_quantized
-from deepsail.files import atomic_dir, atomic_write_text
+from deepsail.files import atomic_dir, atomic_write_text, check_run_folder
 from deepsail.flags import Options, knob, options
 from deepsail.precision import resolve_device, resolve_precision
 from deepsail.train.config import TrainConfig
@@ -153,7 +153,7 @@ def load_base(folder: Path, device: torch.device) -> nn.Module:
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
-def _split_records(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+def split_records(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     from deepsail.data.corpus import split_of
 
     def key(r: dict) -> str:  # the record's content alone: not where in which file it sits
@@ -179,7 +179,7 @@ def _records(task: str, data: str, tune: TuneConfig, console: Console) -> tuple[
         train = demonstration_chats(name, "train", EMBEDDED_TASK_EXAMPLES, digits=digits)
         return train, demonstration_chats(name, "test", 200, digits=digits), data
     if data:
-        train, val = _split_records(read_jsonl(data), tune.val_fraction)
+        train, val = split_records(read_jsonl(data), tune.val_fraction)
         return train, val, data
     if task == "sft":
         console.print("no --data: the embedded stdlib task (write the function a docstring describes)")
@@ -207,7 +207,7 @@ def tuned_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 
 # --- checkpoints: only what trains ---------------------------------------------------------------------------------
-def _saver(touched: set[str], base_dir: Path) -> Callable[[nn.Module, Path], None]:
+def tuned_saver(touched: set[str], base_dir: Path) -> Callable[[nn.Module, Path], None]:
     def save(model: nn.Module, folder: Path) -> None:
         state = model.state_dict()
         save_file({k: state[k].detach().contiguous() for k in sorted(touched)}, str(folder / TUNED))
@@ -217,6 +217,21 @@ def _saver(touched: set[str], base_dir: Path) -> Callable[[nn.Module, Path], Non
             L.write_adapter(trunk, folder, base_model_name_or_path=str(base_dir.resolve()))
 
     return save
+
+
+def save_policy(model: nn.Module, tokenizer: Any, out: Path, base_dir: Path) -> tuple[Path, Path | None]:
+    """A post-training run's outputs (DPO, GRPO): RUN/model (an HF folder, any LoRA merged in: the model itself
+    stays unmerged) and, when LoRA is on, RUN/adapter in peft's format on `base_dir`. Returns both paths."""
+    model_dir, adapter_dir = out / "model", None
+    with atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+    if L.lora_layers(model):
+        adapter_dir = out / "adapter"
+        with atomic_dir(adapter_dir) as tmp:
+            L.write_adapter(model, tmp, base_model_name_or_path=str(base_dir.resolve()))
+            tokenizer.save(tmp)
+    return model_dir, adapter_dir
 
 
 def check_same_tuning(checkpoint: Path, tune: TuneConfig) -> None:
@@ -268,11 +283,7 @@ def finetune(
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a run folder; choose another --out.")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out} already holds files; pass --resume to continue that run, or choose a new --out.")
+    out = check_run_folder(cfg.out, resume)
     base_dir, tokenizer = resolve_base(base)
     stages = (
         read_stages(tune.stages)
@@ -467,7 +478,7 @@ def finetune(
             },
             console=console,
             name=stage.name,
-            save_model=_saver(touched, base_dir),
+            save_model=tuned_saver(touched, base_dir),
         )
         results.append({"stage": stage.name, **result.to_dict()})
 

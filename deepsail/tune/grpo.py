@@ -46,7 +46,7 @@ import typer
 from rich.console import Console
 from torch import nn
 
-from deepsail.files import atomic_dir, atomic_write_json, atomic_write_text
+from deepsail.files import atomic_write_json, atomic_write_text, check_run_folder
 from deepsail.flags import Options, knob, options
 from deepsail.infer.engine import Engine, EngineConfig
 from deepsail.infer.sampling import SamplingParams
@@ -57,7 +57,7 @@ from deepsail.train.config import TrainConfig
 from deepsail.train.loop import TrainResult, check_resumable, seed_everything, train_loop
 from deepsail.tune import lora as L
 from deepsail.tune import tasks as T
-from deepsail.tune.finetune import TuneConfig, _saver, load_base, resolve_base
+from deepsail.tune.finetune import TuneConfig, load_base, resolve_base, save_policy, tuned_saver
 from deepsail.tune.load import load_tuned
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -431,11 +431,7 @@ def grpo(
         raise ValueError("GRPO needs --steps or --minutes.")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a run folder; choose another --out.")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out} already holds files; pass --resume to continue that run, or choose a new --out.")
+    out = check_run_folder(cfg.out, resume)
     base_dir, tokenizer = resolve_base(base)
     if tokenizer.chat_template is None:
         raise ValueError(f"{base_dir}'s tokenizer has no chat template; GRPO prompts are chats (see `deepsail sft`).")
@@ -493,19 +489,11 @@ def grpo(
         },
         console=console,
         name="grpo",
-        save_model=_saver(touched, base_dir),
+        save_model=tuned_saver(touched, base_dir),
     )
     final, shown = task_accuracy(engine, model, tokenizer, gcfg, samples=8)
 
-    model_dir, adapter_dir = out / "model", None
-    with atomic_dir(model_dir) as tmp:
-        model.save_pretrained(tmp)  # with LoRA: the adapter merged in
-        tokenizer.save(tmp)
-    if lora_cfg is not None:
-        adapter_dir = out / "adapter"
-        with atomic_dir(adapter_dir) as tmp:
-            L.write_adapter(model, tmp, base_model_name_or_path=str(base_dir.resolve()))
-            tokenizer.save(tmp)
+    model_dir, adapter_dir = save_policy(model, tokenizer, out, base_dir)
     _write_card(out, base_dir, model, cfg, gcfg, tune, start_eval, final, adapter_dir)
     report = write_report(out, base_dir, gcfg, start_eval, final, result, shown)
     console.print(
