@@ -220,3 +220,30 @@ def test_sft_on_a_tasks_worked_demonstrations(tiny_model_dir, tmp_path):
     assert "embedded:sorting:1" in (out / "report.md").read_text() and (out / "model/config.json").is_file()
     r = CliRunner().invoke(app, [*args, "--data", "embedded:poetry", "--out", str(tmp_path / "bad")])
     assert r.exit_code == 1 and "embedded:TASK or embedded:TASK:DIGITS" in r.output
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-debug", "llama-3-8b-debug"])
+def test_shared_prompt_scoring_equals_whole_rows(preset):
+    """Each group's prompt runs once and its replies attend to its keys/values: log-probs and gradients must equal
+    scoring every prompt + reply row on its own (prompts of different lengths, replies of different lengths)."""
+    torch.manual_seed(0)
+    model = ds.Transformer(ds.ModelConfig.preset(preset)).eval()  # MLA + MoE, and GQA + dense
+    prompts = [[5, 9, 3, 7, 2], [4, 8, 6]]
+    replies = [[11, 12, 13], [14], [15, 16, 17, 18], [19, 20]]  # G = 2: rows 0-1 answer prompt 0, rows 2-3 prompt 1
+    b = G.rollout_tensors(prompts, replies, pad_id=0)
+    weights = torch.randn(b["y"].shape)
+    shared = G.token_logprobs(model, b, temperature=0.7)
+    (shared * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    whole = torch.zeros_like(shared)
+    for i, reply in enumerate(replies):
+        ids = torch.tensor([prompts[i // 2] + reply])
+        logits = model(ids).logits[0, len(prompts[i // 2]) - 1 : -1].float() / 0.7
+        whole[i, : len(reply)] = logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+    (whole * weights).sum().backward()
+    assert torch.allclose(shared, whole, atol=1e-5), (shared - whole).abs().max()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(grads[n], p.grad, atol=1e-5), n

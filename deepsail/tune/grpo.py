@@ -122,10 +122,25 @@ def group_advantages(rewards_PG: torch.Tensor, scale: str = "group", eps: float 
     return centred
 
 
-def token_logprobs(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[B, T] fp32 log-probability of each target token under `model` at `temperature` (0 where y is ignored). The
-    head runs on target positions only, so prompt tokens never cost [T, V] logits."""
-    hidden = model(x_BT, last_logits_only=True, return_hidden=True).hidden
+def token_logprobs(model: nn.Module, b: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """[P*G, W] fp32 log-probability of each reply token of a rollout micro-batch under `model` at `temperature` (0
+    where `y` is ignored).
+
+    Each group's prompt runs once: its keys/values (the `past` an exported graph takes, with gradients) are shared by
+    its G replies, which then run alone — as exact as scoring every prompt + reply row, in fewer tokens. On
+    deepseek-v3-mini with 8 x 8 samples of <= 48 tokens behind a 68-token prompt it halves the rows the training
+    forward and backward process (7,424 -> 3,616 tokens). The head runs on target positions only."""
+    prompt_PL, prompt_mask_PL, x_BT, y_BT = b["prompt"], b["prompt_mask"], b["x"], b["y"]
+    G = x_BT.shape[0] // prompt_PL.shape[0]
+    # the prompt forward: left-padded, so every prompt's last real token is its last column
+    first = model(prompt_PL, past=model.new_past(prompt_PL.shape[0]), attention_mask=prompt_mask_PL, return_hidden=True)
+    hidden = first.hidden[:, -1:].repeat_interleave(G, 0)  # [B, 1, D]: predicts each reply's first token
+    if x_BT.shape[1]:
+        past = [tuple(t.repeat_interleave(G, 0) for t in layer) for layer in first.present]
+        # reply input j (reply token j) is real exactly when target j + 1 is
+        mask = torch.cat((prompt_mask_PL.repeat_interleave(G, 0), (y_BT[:, 1:] != IGNORE_INDEX).long()), dim=1)
+        rest = model(x_BT, past=past, attention_mask=mask, return_hidden=True).hidden
+        hidden = torch.cat((hidden, rest), dim=1)
     keep = y_BT != IGNORE_INDEX
     logits = model.logits_of(hidden[keep]).float() / temperature
     out = torch.zeros(y_BT.shape, dtype=torch.float32, device=y_BT.device)
@@ -177,7 +192,7 @@ def grpo_loss_fn(gcfg: GRPOConfig):
     """The loop's loss_fn: a rollout micro-batch (a dict, see `Rollouts`) -> loss and the curves' values."""
 
     def loss_fn(model: nn.Module, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logp = token_logprobs(model, b["x"], b["y"], gcfg.temperature)
+        logp = token_logprobs(model, b, gcfg.temperature)
         mask = b["y"] != IGNORE_INDEX
         old = b["old"] if "old" in b else logp.detach()  # mu == 1: the sampling policy is this one
         losses = policy_loss(
@@ -277,8 +292,6 @@ class Rollouts:
         fmt = torch.tensor([T.format_reward(text) for text, _ in replies])
         adv = group_advantages(rewards.view(P, G), g.scale_rewards).view(-1)
 
-        # sequences: prompt + reply; targets are the reply's tokens (its stop token included: stopping is learned)
-        seqs = [prompts[i // G] + ids for i, (_, ids) in enumerate(replies)]
         n_micro = self.cfg.grad_accum
         per = P * G // n_micro
         completion_tokens = sum(len(ids) for _, ids in replies)
@@ -288,18 +301,11 @@ class Rollouts:
             "dr_grpo": P * G * g.max_completion_tokens / n_micro,
         }[g.loss_type]
         micro = []
-        for k in range(n_micro):
-            rows = range(k * per, (k + 1) * per)
-            width = max(len(seqs[i]) for i in rows) - 1
-            x = torch.full((per, width), self.pad_id, dtype=torch.long)
-            y = torch.full((per, width), IGNORE_INDEX, dtype=torch.long)
-            for r, i in enumerate(rows):
-                s, n_prompt = seqs[i], len(prompts[i // G])
-                x[r, : len(s) - 1] = torch.tensor(s[:-1])
-                y[r, n_prompt - 1 : len(s) - 1] = torch.tensor(s[n_prompt:])
-            b = {
-                "x": x.to(self.device),
-                "y": y.to(self.device),
+        for m in range(n_micro):
+            rows = range(m * per, (m + 1) * per)
+            groups = prompts[m * per // G : (m + 1) * per // G]
+            tensors = rollout_tensors(groups, [replies[i][1] for i in rows], self.pad_id)
+            b = {k: v.to(self.device) for k, v in tensors.items()} | {
                 "adv": adv[list(rows)].to(self.device),
                 "norm": torch.tensor(float(max(norm, 1e-8))),
                 "reward": rewards[list(rows)],
@@ -311,14 +317,31 @@ class Rollouts:
             self.model.eval()  # scoring, not training: no MoE load statistics
             with torch.no_grad(), autocast(self.device, self.precision):
                 if g.num_iterations > 1:  # the sampling policy's log-probs, before the first of mu updates
-                    b["old"] = token_logprobs(self.model, b["x"], b["y"], g.temperature)
+                    b["old"] = token_logprobs(self.model, b, g.temperature)
                 if g.beta:
                     ref = self.reference
                     with adapters_off(self.model) if ref is None else contextlib.nullcontext():
-                        b["ref"] = token_logprobs(ref or self.model, b["x"], b["y"], g.temperature)
+                        b["ref"] = token_logprobs(ref or self.model, b, g.temperature)
             self.model.train(was)
             micro.append(b)
         return micro * g.num_iterations
+
+
+def rollout_tensors(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """P prompts and their P*G replies (group by group) as what `token_logprobs` reads: `prompt` [P, Lp] left-padded
+    with `prompt_mask` (1 = real), reply inputs `x` [P*G, W-1] (each reply but its last token, right-padded) and
+    targets `y` [P*G, W] (the whole reply, its stop token included — stopping is learned; -100 past its end)."""
+    Lp, W = max(map(len, prompts)), max(max(map(len, replies)), 1)
+    prompt = torch.full((len(prompts), Lp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), Lp), dtype=torch.long)
+    for r, ids in enumerate(prompts):
+        prompt[r, Lp - len(ids) :], prompt_mask[r, Lp - len(ids) :] = torch.tensor(ids), 1
+    x = torch.full((len(replies), W - 1), pad_id, dtype=torch.long)
+    y = torch.full((len(replies), W), IGNORE_INDEX, dtype=torch.long)
+    for r, ids in enumerate(replies):
+        if ids:
+            x[r, : len(ids) - 1], y[r, : len(ids)] = torch.tensor(ids[:-1], dtype=torch.long), torch.tensor(ids)
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "x": x, "y": y}
 
 
 def prompt_ids(tokenizer: Any, problem: T.Problem) -> list[int]:
@@ -478,7 +501,7 @@ def grpo(
         grpo_loss_fn(gcfg),
         cfg,
         evaluate=lambda m: task_accuracy(engine, m, tokenizer, gcfg)[0],
-        tokens_per_batch=lambda b: int(b["x"].numel()),
+        tokens_per_batch=lambda b: int(b["prompt"].numel() + b["x"].numel()),
         flops_per_token=model.flops_per_token(max_len),
         tokenizer=tokenizer,
         resume_from=start,
