@@ -9,7 +9,7 @@ error to OpenAI's error body. The endpoints are in `openai.py`, stream plumbing 
 in `middleware.py`.
 
 Endpoints: /v1/completions, /v1/chat/completions (both stream as SSE), /v1/models, /generate (plain JSON),
-/health (503 until the model is loaded) and /metrics (Prometheus).
+/health (503 until the model is loaded), /metrics (Prometheus), and the web chat page at / (`web.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from deepsail.serve.metrics import CONTENT_TYPE, ServerMetrics
 from deepsail.serve.middleware import BodyLimit, CountRequests
 from deepsail.serve.openai import add_routes
 from deepsail.serve.protocol import APIError
+from deepsail.serve.web import add_web_routes
 
 log = logging.getLogger("deepsail.serve")
 
@@ -293,6 +294,7 @@ def create_app(
         return get_redoc_html(openapi_url="/openapi.json", title="deepsail API")
 
     add_routes(app, state, cfg, metrics, protected)
+    add_web_routes(app)
 
     # Outermost first: count every request (413s included), then bound the body.
     paths = {r.path for r in app.routes if hasattr(r, "path")}
