@@ -14,17 +14,24 @@ from deepsail.model import PRESETS, ModelConfig, Transformer, config_from_hf, co
 from deepsail.model.moe import MoE, Router
 
 DEBUG_PRESETS = sorted(name for name in PRESETS if name.endswith("-debug"))
+# every architecture option joins the runner, on MLA + MoE and on GQA + dense
+OPTIONS = [
+    ("deepseek-v3-debug", dict(attn_gate="elementwise")),
+    ("llama-3-8b-debug", dict(attn_gate="headwise")),
+]
+RUNNER = [(name, {}) for name in DEBUG_PRESETS] + OPTIONS
 
 
-def _model(name: str, seed: int = 0) -> Transformer:
+def _model(name: str, seed: int = 0, **changes) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset(name)).eval()
+    return Transformer(ModelConfig.preset(name).replace(**changes)).eval()
 
 
-@pytest.mark.parametrize("name", DEBUG_PRESETS)
-def test_every_preset_forward_cache_batch_bf16(name):
-    """mlx-lm's generic test: forward, training loss, prefill + decode == full forward at batch 3, bf16 runs."""
-    model = _model(name)
+@pytest.mark.parametrize("name, changes", RUNNER, ids=[n + "".join(f"-{v}" for v in c.values()) for n, c in RUNNER])
+def test_every_preset_forward_cache_batch_bf16(name, changes):
+    """mlx-lm's generic test: forward, training loss, prefill + decode == full forward at batch 3, a right-padded
+    batch prefill, bf16 runs; for every preset and every architecture option."""
+    model = _model(name, **changes)
     V = model.config.vocab_size
     ids = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -37,11 +44,17 @@ def test_every_preset_forward_cache_batch_bf16(name):
         assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
         # a batch row gives the same logits as the row alone
         assert (model(ids[1:2]).logits - full[1:2]).abs().max() < 1e-4
+        # a right-padded prefill (the engine's batches): each row's last real token sees only its own tokens
+        lens = torch.tensor([10, 6, 3])
+        cache = model.new_cache(3, 16, block_size=4)
+        last = model(ids, cache=cache, input_lens=lens, last_logits_only=True).logits[:, 0]
+        for b, n in enumerate(lens.tolist()):
+            assert (last[b] - model(ids[b : b + 1, :n]).logits[0, -1]).abs().max() < 1e-4
     model.train()
     out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    bf16 = _model(name).to(torch.bfloat16)
+    bf16 = _model(name, **changes).to(torch.bfloat16)
     with torch.no_grad():
         logits = bf16(ids).logits
         cache = bf16.new_cache(3, 16)
@@ -280,6 +293,7 @@ def test_flops_per_token_matches_pytorchs_own_count(name, changes):
         (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
         (dict(rope_scaling={"rope_type": "yarn"}), "rope_scaling"),
         (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(attn_gate="sigmoid"), "attn_gate"),
     ],
 )
 def test_impossible_configs_name_the_field(changes, field):
@@ -304,6 +318,23 @@ def test_hf_config_round_trip_and_rope_spellings():
     assert config_from_hf(old_style).rope_scaling["rope_type"] == "llama3"
     with pytest.raises(ValueError, match="model_type='bert'"):
         config_from_hf({"model_type": "bert"})
+
+
+@pytest.mark.parametrize("name, changes", OPTIONS)
+def test_options_save_reload_and_transformers_refuses_them(tmp_path, name, changes):
+    """A model using a deepsail option reloads with it (same logits); its config.json names model_type "deepsail",
+    so transformers refuses it by name instead of loading it with the option's weights dropped."""
+    import transformers
+
+    model = _model(name, **changes)
+    model.save_pretrained(tmp_path)
+    again = Transformer.from_pretrained(tmp_path)
+    assert again.config == model.config and again.config.options == changes
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="deepsail"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_bad_checkpoints_get_errors_that_list_the_problem(tmp_path):

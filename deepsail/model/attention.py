@@ -19,6 +19,28 @@ from deepsail.model.config import ModelConfig
 from deepsail.model.layers import Linear, RMSNorm, apply_rope
 
 
+class AttentionGate(nn.Module):
+    """Gated attention (Qiu et al. 2025, arXiv 2505.06708, their best position "G1"): the attention output of each
+    head is multiplied by sigmoid(x W_g) of the same token's layer input before `o_proj`. Query-dependent and
+    elementwise, it adds non-linearity between the value and output projections and lets a head output ~0 instead
+    of dumping its probability mass on the first token (the attention sink). `headwise` is one gate per head."""
+
+    def __init__(self, config: ModelConfig, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        per_head = head_dim if config.attn_gate == "elementwise" else 1
+        self.proj = Linear(config.hidden_size, self.n_heads * per_head, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, out_BHTV: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        g = torch.sigmoid(self.proj(x_BTD)).view(B, T, self.n_heads, -1).transpose(1, 2)  # [B, H, T, 1 or V]
+        return out_BHTV * g.to(out_BHTV.dtype)
+
+
+def make_gate(config: ModelConfig, head_dim: int) -> AttentionGate | None:
+    return AttentionGate(config, head_dim) if config.attn_gate != "none" else None
+
+
 @dataclass
 class AttentionContext:
     """Everything about positions and the cache that is the same for every layer of one forward pass."""
@@ -64,6 +86,7 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=o_bias)
+        self.gate = make_gate(config, self.head_dim)
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -83,6 +106,8 @@ class GroupedQueryAttention(nn.Module):
                 e.transpose(1, 2).to(q.dtype) for e in ctx.history(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
             )
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale, enable_gqa=gqa)
+        if self.gate is not None:
+            out = self.gate(x_BTD, out)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -110,6 +135,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, d, bias=bias)
+        self.gate = make_gate(config, self.v_dim)
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -149,4 +175,6 @@ class MultiHeadLatentAttention(nn.Module):
                 query, key, key, attn_mask=ctx.mask, scale=self.scale, enable_gqa=True
             )[..., :r]
             out = out_latent @ w_kv_b[..., self.nope_dim :, :].transpose(-1, -2)  # [B, H, T, v]
+        if self.gate is not None:
+            out = self.gate(x_BTD, out)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -16,6 +16,7 @@ from typing import Any
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 ROPE_TYPES = ("default", "yarn", "llama3")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+ATTN_GATES = ("none", "headwise", "elementwise")
 
 
 @dataclass
@@ -67,6 +68,12 @@ class ModelConfig:
     # multi-token prediction (DeepSeek-V3): D extra modules, each predicting one token further ahead
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.3
+
+    # --- deepsail's own architecture options (off by default: HF parity untouched). A checkpoint using one is written
+    # with model_type "deepsail" (hf.py), which transformers refuses by name instead of loading it wrong.
+    # Gated attention (Qiu et al. 2025): each head's output times sigmoid(x W_g) of the layer input, before o_proj:
+    # one gate per head ("headwise") or per output channel ("elementwise").
+    attn_gate: str = "none"
 
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -182,6 +189,15 @@ class ModelConfig:
                 bad("moe_layer_freq", "must be positive")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
+        if self.attn_gate not in ATTN_GATES:
+            bad("attn_gate", f"must be one of {', '.join(ATTN_GATES)}")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """deepsail's own architecture options that differ from their defaults (what HF cannot represent)."""
+        return {
+            name: getattr(self, name) for name, default in OPTION_DEFAULTS.items() if getattr(self, name) != default
+        }
 
     # --- serialisation ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -267,3 +283,7 @@ def config_from_seed(
         base.update(num_key_value_heads=kv_heads or heads)
     base.update(fields)
     return ModelConfig(**base)
+
+
+# deepsail-only fields and their "off" values: a config with all of them off is plain HF.
+OPTION_DEFAULTS: dict[str, Any] = {"attn_gate": "none"}

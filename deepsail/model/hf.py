@@ -43,9 +43,19 @@ WEIGHT_FILES = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
 
 
 # --- config.json ---------------------------------------------------------------------------------------------------
+# A model using one of deepsail's own architecture options (ModelConfig.options: e.g. attn_gate) has weights HF has
+# no module for. Its config.json says model_type "deepsail" (the architecture it extends under "deepsail_base"),
+# so transformers refuses it by name rather than loading it with those weights silently dropped.
+OWN_MODEL_TYPE = "deepsail"
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Reads an HF `config.json` dict of a deepseek_v3, deepseek_v2, qwen2 or llama model."""
+    """Reads an HF `config.json` dict of a deepseek_v3, deepseek_v2, qwen2 or llama model (or a deepsail one: one
+    of those plus deepsail's own options, applied by `read_config` from the "deepsail" section)."""
     model_type = hf.get("model_type")
+    if model_type == OWN_MODEL_TYPE:
+        hf = {**hf, "model_type": hf.get("deepsail_base")}
+        model_type = hf["model_type"]
     if model_type not in MODEL_TYPES:
         raise ValueError(f"config.json has model_type={model_type!r}; deepsail reads {', '.join(MODEL_TYPES)}")
     rope_theta, rope_scaling = _read_rope(hf)
@@ -184,6 +194,9 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         elif config.is_moe and config.scoring_func != "softmax":
             raise ValueError("deepseek_v2 routes with softmax scores: set scoring_func='softmax'")
     out.update(config.extra)
+    if config.options:
+        # transformers has no module for these weights: name the type so it refuses instead of dropping them
+        out.update(model_type=OWN_MODEL_TYPE, architectures=["DeepsailForCausalLM"], deepsail_base=config.model_type)
     return out
 
 
@@ -445,7 +458,7 @@ def save_hf(
         size += nbytes
 
     hf_config = config_to_hf(model.config, hf_dtype_name(saved_dtype))
-    hf_config["deepsail"] = {"mtp_loss_weight": model.config.mtp_loss_weight}
+    hf_config["deepsail"] = {"mtp_loss_weight": model.config.mtp_loss_weight, **model.config.options}
     with atomic_dir(path, carry=lambda name: name != "config.json" and not WEIGHT_FILES.match(name)) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         meta = {"format": "pt"}
