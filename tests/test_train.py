@@ -668,4 +668,4 @@ def test_compile_flag_on_cpu_warns_and_trains_eager():
 
     model = Transformer(ModelConfig.preset("llama-3-8b-debug"))
     with pytest.warns(UserWarning, match="slower than eager on cpu"):
-        assert parallelize(model, TrainConfig(compile=True)) is model
+        assert parallelize(model, None, TrainConfig(compile=True)) is model

@@ -96,6 +96,24 @@ def pt2_command(
     _done(save_program(m, out, (batch, seq_len)), t0)
 
 
+def _load_hf_source(path: Path, word: str) -> tuple[Any, Path]:
+    """The model `export hf` writes: a model folder or a run's latest checkpoint; a run trained under torchrun
+    (DCP shards, no safetensors) is gathered into this one process first."""
+    from deepsail.precision import DTYPES
+    from deepsail.train.checkpoint import is_sharded, load_sharded_model, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    if not is_sharded(folder):
+        return _load_float(path, dtype=None if word == "auto" else word)
+    m = load_sharded_model(folder)  # fp32, as trained
+    if word != "auto":
+        m.to(DTYPES[word])
+        for module in m.modules():  # the balancing bias stays fp32 (model/moe.py), as from_pretrained keeps it
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    return m, folder
+
+
 def hf_command(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The HF model folder to write.", show_default=False)],
@@ -109,9 +127,12 @@ def hf_command(
 
     `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it; so does `ds.from_pretrained(DIR)`.
 
+    A run trained under torchrun (sharded DCP checkpoints) is gathered into one folder here, in one process.
+
     \b
     Examples:
       deepsail export hf runs/default --out hf/ --max-shard-size 2GB --precision bf16
+      deepsail export hf runs/big --out hf/            # a torchrun run: its shards gathered into one HF folder
     """
     from deepsail.files import atomic_write_bytes, check_folder
     from deepsail.model.hf import shard_bytes
@@ -121,7 +142,7 @@ def hf_command(
     shard_bytes(max_shard_size)  # bad flags fail before the model loads
     word = parse_precision(precision)
     check_folder(out)
-    m, folder = _load_float(model, dtype=None if word == "auto" else word)
+    m, folder = _load_hf_source(model, word)
     m.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer_home = Path(getattr(m, "name_or_path", folder))
     for name in TOKENIZER_FILES:

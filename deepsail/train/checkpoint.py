@@ -275,3 +275,149 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{file} has no step; it was not written by deepsail's trainer.")
     return state
+
+
+# --- sharded checkpoints (torchrun): torch.distributed.checkpoint ---------------------------------------------------
+#
+# A run under torchrun writes `step_XXXXXX/` as:
+#     dcp/                       model + AdamW state, each rank writing its own shards (DCP's .distcp files and
+#                                .metadata, which records every tensor's global shape: any mesh can read them back)
+#     state_rank00000.pt ...     per rank: loader position, loss-scaler state, RNG states
+#     config.json, tokenizer     the model's HF config and the data's tokenizer (no weights: `deepsail export hf RUN`
+#                                gathers them into one HF folder)
+#     trainer_state.json         step, tokens, elapsed time, the TrainConfig, and the mesh it was written from
+#     checksums.json             as for one-process checkpoints
+# Rank 0 opens the temporary folder (files.atomic_dir) and names it to the others; every rank writes into it; after
+# a barrier rank 0 adds the metadata and checksums and renames it into place, then moves `latest`. The folder must
+# be on a filesystem every rank sees (a multi-node run needs shared storage, as DCP's FileSystemWriter does).
+
+SHARDED = "dcp"
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint was written by a torchrun run (DCP shards, no safetensors)."""
+    return (Path(path) / SHARDED / ".metadata").is_file()
+
+
+def _rank_state_file(folder: Path, rank: int) -> Path:
+    return folder / f"state_rank{rank:05d}.pt"
+
+
+def _dcp_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Optimizer state keyed by parameter name, with each parameter's own lr/betas/decay beside it: a reader whose
+    # parameter groups differ (another mesh splits them by layout, optim.py) still finds every value.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: Any,
+    trainer_state: dict[str, Any],
+    tokenizer: Any = None,
+    keep_last: int = 3,
+) -> Path:
+    """Every rank calls this together; see the section comment above for the layout and the commit order."""
+    import contextlib
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from deepsail.model.hf import config_to_hf
+
+    rank, main = dist.get_rank(), dist.get_rank() == 0
+    final = root / checkpoint_name(int(trainer_state["step"]))
+    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
+        name = [str(tmp) if main else None]
+        dist.broadcast_object_list(name, src=0)
+        folder = Path(name[0])
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder / SHARDED)
+        state = {"loader": loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
+        torch.save(state, _rank_state_file(folder, rank))
+        dist.barrier()  # every rank's shards are in the folder
+        if main:
+            hf_config = config_to_hf(model.config) | {"deepsail": {"mtp_loss_weight": model.config.mtp_loss_weight}}
+            (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save(folder)
+            (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            write_checksums(folder)
+    if main:
+        atomic_write_text(root / LATEST, final.name + "\n")
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()  # no rank runs ahead of the rename
+    return final
+
+
+def load_sharded_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: Any,
+) -> dict[str, Any]:
+    """Restore a sharded checkpoint into `model` and `optimizer` as they are laid out now (any mesh, or one
+    process): DCP reads each tensor's slice this rank holds. Returns the trainer_state dict."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=path / SHARDED)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_dcp_options()
+    )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # At another world size the ranks are other ranks: a rank without its own file takes rank 0's RNG (training
+    # draws no random numbers after init; the loader position is the same on every rank).
+    own = _rank_state_file(path, rank)
+    extra = load_pt(own if own.is_file() else _rank_state_file(path, 0), "cpu")
+    loader.load_state_dict(_regeometry(extra["loader"], loader))
+    if extra["scaler"]:
+        scaler.load_state_dict(extra["scaler"])
+    set_rng_state(extra["rng"])
+    return read_trainer_state(path)
+
+
+def _regeometry(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
+    """A loader state saved at another data-parallel degree, for this loader: the same global batch
+    (batch_size x ranks) reads the same windows in the same order at any degree (data/loader.py), so the position
+    carries over when that product is unchanged."""
+    if saved.get("world_size", 1) == loader.world_size:
+        return saved
+    was, now = saved["batch_size"] * saved["world_size"], loader.batch_size * loader.world_size
+    if was != now:
+        need = was // loader.world_size if was % loader.world_size == 0 else None
+        fix = f"--batch-size {need}" if need else f"a data-parallel degree that divides {was}"
+        raise ValueError(
+            f"the run was saved with a global batch of {was} sequences ({saved['world_size']} data-parallel ranks x "
+            f"{saved['batch_size']}), this launch reads {now} ({loader.world_size} x {loader.batch_size}); an exact "
+            f"resume needs the same global batch: use {fix}."
+        )
+    return saved | {"batch_size": loader.batch_size, "world_size": loader.world_size}
+
+
+def load_sharded_model(path: Path) -> nn.Module:
+    """The whole model of a sharded checkpoint in this one process (on CPU, fp32 as trained), for export."""
+    import torch.distributed.checkpoint as dcp
+
+    from deepsail.model import Transformer
+    from deepsail.model.hf import read_config
+
+    with torch.device("meta"):
+        model = Transformer(read_config(path))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=Path(path) / SHARDED)  # in place into the model's own tensors
+    return model.eval()

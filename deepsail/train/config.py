@@ -64,6 +64,13 @@ class TrainConfig:
     activation_checkpointing: bool = knob(False, "Recompute each block's activations in backward to save memory.")
     compile: bool = knob(False, "torch.compile the training step (CUDA; slower than eager on CPU: warns, eager).")
 
+    # --- scale-out under torchrun (deepsail/parallel/mesh.py): the product of the four is the number of processes ---
+    dp_replicate: int = knob(1, "Whole model copies (DDP; HSDP with --dp-shard/--ep/--tp).")
+    dp_shard: int = knob(-1, "FSDP2 shards (ZeRO-3); -1 = the processes the other dimensions leave.")
+    ep: int = knob(1, "Expert parallel: MoE routed experts split over this many ranks (all-to-all dispatch).")
+    tp: int = knob(1, "Tensor parallel: attention heads, MLP columns and vocabulary split over this many ranks.")
+    powersgd_rank: int = knob(0, "DDP gradient compression: PowerSGD rank (e.g. 4); 0 = exact all-reduce.")
+
     # --- MoE: aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2 uses gamma = 0.001) ---
     bias_update_rate: float = knob(1e-3, "MoE aux-loss-free balancing: bias step per optimizer step (gamma).")
 
@@ -86,10 +93,25 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
         if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
             raise ValueError(f"minutes must be > 0, got {self.minutes}.")
-        for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "keep_last"):
+        for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "keep_last", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "bias_update_rate"):
+        for name in ("ep", "tp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError(
+                f"dp_shard must be >= 1, or -1 for the processes the other dimensions leave; got {self.dp_shard}."
+            )
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "ckpt_every",
+            "grad_clip",
+            "weight_decay",
+            "bias_update_rate",
+            "powersgd_rank",
+        ):
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be >= 0 and finite, got {value}.")

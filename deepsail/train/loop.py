@@ -8,8 +8,13 @@ One optimizer step, top to bottom:
     MoE balancing-bias update (outside autograd) -> log / eval / checkpoint on their cadences
 
 What the loop owns: precision and loss scaling, the warmup + cosine schedule, the step and time budgets,
-activation checkpointing and compilation (through `deepsail.parallel.parallelize`), metrics, the progress bar,
-atomic checkpoints and exact resume. What the caller owns: the model, the data and what "loss" means.
+activation checkpointing, compilation and scale-out (through `deepsail.parallel.parallelize`), metrics, the
+progress bar, atomic checkpoints and exact resume. What the caller owns: the model, the data and what "loss" means.
+
+Under torchrun the caller passes the `mesh` (`deepsail.parallel.init_parallel`) and a loader reading its rank's
+slice of each global batch. Every rank runs this same loop; rank 0 alone prints and writes metrics, all ranks
+evaluate (the sharded model needs them all) and write their shards of each checkpoint (`save_sharded_checkpoint`).
+Losses, load statistics and tok/s are reduced over the ranks, so the log reads as one run's.
 
 A run directory after training:
     run_config.json    resolved TrainConfig + device/precision/torch version + whatever the caller adds
@@ -21,8 +26,10 @@ A run directory after training:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import functools
 import math
 import random
 import time
@@ -39,17 +46,21 @@ from torch import nn
 
 from deepsail.files import DiskFull, atomic_write_json
 from deepsail.parallel import parallelize
+from deepsail.parallel.mesh import ParallelMesh
 from deepsail.precision import resolve_device, resolve_precision
 from deepsail.train.allocator import keep_freed_memory
 from deepsail.train.amp import autocast, make_scaler
 from deepsail.train.checkpoint import (
     discard_newer,
+    is_sharded,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_sharded_checkpoint,
     pointed_to,
     resumable_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from deepsail.train.config import TrainConfig
 from deepsail.train.metrics import MetricsLogger, peak_flops
@@ -60,6 +71,8 @@ LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 
 # Fields that change where things go or how often we look, never the weights: a resume may change them freely.
 BOOKKEEPING_FIELDS = {"data", "out", "tokenizer", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last"}
+# The mesh is the launch's, not the run's: a run may resume on another world size (the global batch kept).
+MESH_FIELDS = {"dp_replicate", "dp_shard", "ep", "tp"}
 
 
 @dataclass
@@ -115,35 +128,51 @@ def forward_backward(
     device: torch.device,
     precision: str,
     scaler: torch.amp.GradScaler,
+    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, torch.Tensor]:
     """Accumulate into .grad the gradient of the mean loss over `micro_batches`; return the mean losses.
 
     Each micro-batch loss is a mean over its tokens, so dividing it by the number of micro-batches
     makes the summed gradient that of one batch that many times larger (tested). The returned
-    losses stay on the device (no host sync): `loss` and whatever parts `loss_fn` reports.
+    losses stay on the device (no host sync): `loss` and whatever parts `loss_fn` reports. `loss_context` wraps
+    each forward and backward (tensor parallelism's loss-parallel cross-entropy).
     """
+    from torch.distributed.tensor import DTensor
+
     n = len(micro_batches)
     sums: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
-        with autocast(device, precision):
-            losses = loss_fn(model, batch)
-        scaler.scale(losses["loss"] / n).backward()
+        with loss_context():
+            with autocast(device, precision):
+                losses = loss_fn(model, batch)
+            scaler.scale(losses["loss"] / n).backward()
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0) + v.detach() / n
+            v = v.detach()
+            sums[k] = sums.get(k, 0) + (v.to_local() if isinstance(v, DTensor) else v) / n  # replicated: whole
     return sums
 
 
 def optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float,
+    sharded: bool = False,
 ) -> torch.Tensor:
     """Unscale, clip, step, zero the grads; return the global grad norm before clipping.
 
     fp16: if any gradient is inf/nan the scaler skips the step (weights and AdamW moments untouched)
-    and halves the loss scale. Without fp16 the scaler calls are pass-throughs.
+    and halves the loss scale. Without fp16 the scaler calls are pass-throughs. `sharded`: the gradients are
+    DTensors on several meshes, whose norm `parallel.clip_grad_norm` reduces mesh by mesh.
     """
+    from deepsail.parallel.parallelize import clip_grad_norm
+
     scaler.unscale_(optimizer)  # true-scale grads before clipping
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if sharded:
+        grad_norm = clip_grad_norm(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -187,6 +216,22 @@ def check_resumable(cfg: TrainConfig, resume: bool, console: Console | None = No
     return start
 
 
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics, plot and TensorBoard)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "metrics.jsonl"
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        pass
+
+    def plot(self) -> Path:
+        return self.path.with_name("loss.png")
+
+    def close(self) -> None:
+        pass
+
+
 def train_loop(model: nn.Module, batches: Any, loss_fn: LossFn, cfg: TrainConfig, **kwargs: Any) -> TrainResult:
     """Train `model` on `batches` (an endless iterator with `state_dict`/`load_state_dict`, already on the device)
     until `cfg.steps` or `cfg.minutes` runs out; with `resume_from` (a checkpoint whose weights the caller has
@@ -220,61 +265,99 @@ def _train_loop(
     console: Console | None = None,
     name: str = "train",
     save_model: Callable[[nn.Module, Path], None] | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> TrainResult:
     """`evaluate(model)` -> val metrics; `tokens_per_batch(micro_batch)` -> tokens for tok/s and MFU; `tokenizer`
     is saved into every checkpoint; `run_info` joins run_config.json; `name` labels the progress bar;
-    `save_model(model, folder)` writes a checkpoint's weights (default: `model.save_pretrained`)."""
-    console = console or Console()
+    `save_model(model, folder)` writes a checkpoint's weights (default: `model.save_pretrained`); `mesh`: this
+    process's place in a torchrun launch (None: one process)."""
+    import torch.distributed as dist
+
+    from deepsail.parallel.ep import reduce_expert_load
+    from deepsail.parallel.tp import loss_parallel_context
+
+    main = mesh is None or mesh.is_main
+    console = (console or Console()) if main else Console(quiet=True)
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = mesh.device if mesh is not None else resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    world = mesh.shape.world if mesh is not None else 1
+    dp = mesh.shape.dp if mesh is not None else 1  # ranks reading different micro-batches
+    sharded = mesh is not None
+    if sharded and save_model is not None:
+        raise ValueError(
+            f"{name} under torchrun: saving only part of the weights is not supported yet; run it in one process."
+        )
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on the per-step logits and gradients (see allocator.py)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
 
     model.to(device)
-    step_model = parallelize(model, cfg)
+    step_model = parallelize(model, mesh, cfg)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scaler = make_scaler(device, precision)
     peak, peak_source = peak_flops(device, precision)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, optimizer=optimizer, scaler=scaler, loader=batches)
+        if is_sharded(resume_from):
+            saved = load_sharded_checkpoint(
+                resume_from, model=model, optimizer=optimizer, scaler=scaler, loader=batches
+            )
+        elif sharded:
+            raise ValueError(
+                f"{resume_from} was written by a one-process run; resume it in one process (without torchrun). "
+                "A torchrun run resumes checkpoints written under torchrun, at any world size."
+            )
+        else:
+            saved = load_checkpoint(resume_from, optimizer=optimizer, scaler=scaler, loader=batches)
         state = {k: saved[k] for k in state}
         before = TrainConfig.from_dict(saved["train_config"]).to_dict() if "train_config" in saved else {}
-        changed = {
-            k: (v, getattr(cfg, k)) for k, v in before.items() if getattr(cfg, k) != v and k not in BOOKKEEPING_FIELDS
-        }
+        ignored = BOOKKEEPING_FIELDS | MESH_FIELDS | {"batch_size"}  # batch_size: checked as the global batch
+        changed = {k: (v, getattr(cfg, k)) for k, v in before.items() if getattr(cfg, k) != v and k not in ignored}
         if changed:
             console.print(
                 f"[yellow]resuming with changed settings (saved -> now): {changed}; the run is no longer "
                 f"bitwise identical to an uninterrupted one.[/]"
             )
         console.print(f"resumed from {resume_from} (step {state['step']})")
-    if ckpt_root.exists():  # debris of interrupted writes, and checkpoints `latest` never reached
+    if ckpt_root.exists() and main:  # debris of interrupted writes, and checkpoints `latest` never reached
         discard_newer(ckpt_root, state["step"] if resume_from else -1)
 
     # --- the resolved config, written before the first step so a crashed run still documents itself ---
-    atomic_write_json(
-        out / "run_config.json",
-        {
-            "train": cfg.to_dict(),
-            **(run_info or {}),
-            "device": str(device),
-            "precision": precision,
-            "torch": torch.__version__,
-        },
-    )
-    metrics = MetricsLogger(out, resume_step=state["step"] if resume_from else None)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if main:
+        atomic_write_json(
+            out / "run_config.json",
+            {
+                "train": cfg.to_dict(),
+                **(run_info or {}),
+                "device": str(device),
+                "precision": precision,
+                "torch": torch.__version__,
+                **({"mesh": dataclasses.asdict(mesh.shape)} if mesh is not None else {}),
+            },
+        )
+    metrics = MetricsLogger(out, resume_step=state["step"] if resume_from else None) if main else _NoMetrics(out)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # global shapes (DTensor numel)
     console.print(
         f"{name}: {params / 1e6:.2f}M trainable params | {device} {precision} | "
         f"peak {peak / 1e12:.1f} TFLOP/s ({peak_source})"
+        + (f" | {world} ranks: {mesh.shape.describe()}" if mesh is not None else "")
     )
 
     def save() -> Path:  # the checkpoint of state["step"]
+        if sharded:
+            return save_sharded_checkpoint(
+                ckpt_root,
+                model=model,
+                optimizer=optimizer,
+                scaler=scaler,
+                loader=batches,
+                tokenizer=tokenizer,
+                trainer_state={**state, "train_config": cfg.to_dict(), "mesh": dataclasses.asdict(mesh.shape)},
+                keep_last=cfg.keep_last,
+            )
         return save_checkpoint(
             ckpt_root,
             model=model,
@@ -295,9 +378,23 @@ def _train_loop(
         return result
 
     def done(step: int, elapsed_s: float) -> bool:
-        return (cfg.steps is not None and step >= cfg.steps) or (
+        stop = (cfg.steps is not None and step >= cfg.steps) or (
             cfg.minutes is not None and elapsed_s >= 60 * cfg.minutes
         )
+        if sharded and cfg.minutes is not None:  # clocks differ: rank 0 decides for all, or they would deadlock
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = flag[0]
+        return stop
+
+    def global_mean(values: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not sharded:
+            return values
+        flat = torch.stack([v.float() for v in values])
+        dist.all_reduce(flat)
+        return list(flat / world)
+
+    loss_context = functools.partial(loss_parallel_context, sharded and mesh.shape.tp > 1)
 
     def clock() -> float:  # wall-clock seconds over all resumes
         return elapsed0 + time.perf_counter() - t_start
@@ -318,7 +415,8 @@ def _train_loop(
     def log_window(step: int, load: dict[str, torch.Tensor]) -> str:
         nonlocal train_loss
         n, dt = window["steps"], time.perf_counter() - window["t0"]
-        train_loss = (sums["loss"] / n).item()  # the one host sync per log window
+        means = dict(zip(sums, global_mean(list(sums.values()))))  # over the ranks: one collective
+        train_loss = (means["loss"] / n).item()  # the one host sync per log window
         if not math.isfinite(train_loss):
             raise RuntimeError(
                 f"loss is {train_loss} at step {step}; lower --lr or use --precision fp32. "
@@ -326,7 +424,7 @@ def _train_loop(
             )
         tok_s = window["tokens"] / dt
         windows.append((window["tokens"], dt))
-        row = {k: (v / n).item() for k, v in sums.items()}
+        row = {k: (v / n).item() for k, v in means.items()}
         if load:
             # max / mean tokens per expert, averaged over MoE layers: 1.0 is perfectly balanced
             row["moe_max_load"] = float(np.mean([(l.max() / l.mean()).item() for l in load.values()]))
@@ -334,7 +432,7 @@ def _train_loop(
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "tok_per_s": tok_s,
-            "mfu": tok_s * flops_per_token / peak,
+            "mfu": tok_s * flops_per_token / (peak * world),
             "step_time_s": dt / n,
             "tokens": state["tokens"],
         }
@@ -371,15 +469,17 @@ def _train_loop(
                 group["lr"] = lr
 
             micro = [next(loader_it) for _ in range(cfg.grad_accum)]
-            for k, v in forward_backward(step_model, micro, loss_fn, device, precision, scaler).items():
+            for k, v in forward_backward(step_model, micro, loss_fn, device, precision, scaler, loss_context).items():
                 sums[k] = sums[k] + v if k in sums else v
-            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, sharded=sharded)
             with torch.no_grad():
+                if sharded and balance:
+                    reduce_expert_load(model)  # every rank's routing, so all move their biases alike
                 load = expert_load() if expert_load and (step + 1) % cfg.log_every == 0 else {}
                 if balance:
                     balance(cfg.bias_update_rate)
 
-            tokens = sum(tokens_per_batch(b) for b in micro)
+            tokens = sum(tokens_per_batch(b) for b in micro) * dp  # the global batch: every dp rank's alike
             state["step"] = step = step + 1
             state["tokens"] += tokens
             window["steps"] += 1
@@ -414,6 +514,8 @@ def _train_loop(
         save()
     plot_path = metrics.plot()
     metrics.close()
+    if sharded:
+        dist.barrier()  # rank 0's last files are written before any rank reports the run done
 
     # This process's throughput; the first window (allocator warm-up, compilation) is left out when there are more.
     measured = windows[1:] or windows
@@ -427,7 +529,7 @@ def _train_loop(
         val=last_eval,
         tok_per_s=tok_per_s,
         step_time_s=tokens_per_step / tok_per_s if tok_per_s else 0.0,
-        mfu=tok_per_s * flops_per_token / peak,
+        mfu=tok_per_s * flops_per_token / (peak * world),
         peak_flops=peak,
         peak_flops_source=peak_source,
         device=str(device),
@@ -438,7 +540,8 @@ def _train_loop(
         plot_path=str(plot_path),
         tensorboard_dir=str(out / "tensorboard"),
     )
-    atomic_write_json(out / "summary.json", result.to_dict())
+    if main:
+        atomic_write_json(out / "summary.json", result.to_dict())
     console.print(
         f"done: step {result.step} | "
         + "".join(f"val {k} {v:.4f} | " for k, v in last_eval.items())

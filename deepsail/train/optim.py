@@ -28,7 +28,20 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [part for g in groups for part in _by_layout(g)]
+
+
+def _by_layout(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """A group split by where its tensors live: under tensor/expert parallelism some parameters are DTensors on one
+    mesh, some on another, some plain, and torch's fused and foreach AdamW kernels refuse to mix them in one call.
+    One process: one part, unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    parts: dict[Any, list[torch.Tensor]] = {}
+    for p in group["params"]:
+        parts.setdefault((p.device_mesh, p.placements) if isinstance(p, DTensor) else None, []).append(p)
+    return [{**group, "params": params} for params in parts.values()] or [group]
 
 
 class Adam(torch.optim.AdamW):

@@ -6,6 +6,12 @@
 A user of the one loop (`loop.py`): it opens the data and its tokenizer, builds (or, on resume, loads) the model,
 and hands `train_loop` the packed batches, `next_token_loss` and `evaluate` (loss, perplexity, bits per byte: it is
 `deepsail.eval.metrics.evaluate_lm`, the one definition every verb reports).
+
+Under torchrun every process runs this same function: it joins the process group and builds the mesh the flags
+name (`deepsail.parallel.init_parallel`), reads its data-parallel rank's slice of each global batch, and trains
+the model `parallelize` shards (README: "Scale-out").
+
+    torchrun --nproc_per_node 4 -m deepsail pretrain --data data --dp-shard 2 --tp 2 --out runs/big
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from rich.console import Console
 from deepsail.eval.metrics import evaluate_lm as evaluate  # validation: loss, perplexity, bits per byte
 from deepsail.flags import Options, options
 from deepsail.model import ModelConfig, Transformer, from_pretrained
+from deepsail.model.hf import read_config
 from deepsail.precision import resolve_device, resolve_precision
-from deepsail.train.checkpoint import read_trainer_state, resumable_checkpoint
+from deepsail.train.checkpoint import is_sharded, read_trainer_state, resumable_checkpoint
 from deepsail.train.config import TrainConfig
-from deepsail.train.loop import TrainResult, check_resumable, seed_everything, train_loop
+from deepsail.train.loop import MESH_FIELDS, TrainResult, check_resumable, seed_everything, train_loop
 
 
 def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,22 +51,39 @@ def pretrain(
     `model_config` overrides `cfg.model_preset` for a fresh run; a resumed run always takes the model from its
     checkpoint.
     """
+    from deepsail.parallel.mesh import close_parallel, init_parallel
+
+    cfg.validate()
+    mesh = init_parallel(cfg, resolve_device(cfg.device))
+    try:
+        return _pretrain(cfg, resume, model_config, console, mesh)
+    finally:
+        close_parallel(mesh)
+
+
+def _pretrain(
+    cfg: TrainConfig, resume: bool, model_config: ModelConfig | None, console: Console | None, mesh: Any
+) -> TrainResult:
     from deepsail.data.loader import PackedLoader, eval_batches
     from deepsail.data.tokenizer import data_tokenizer, token_byte_lengths
 
-    console = console or Console()
-    cfg.validate()
-    device = resolve_device(cfg.device)
+    console = (console or Console()) if mesh is None or mesh.is_main else Console(quiet=True)
+    device = mesh.device if mesh is not None else resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     start = check_resumable(cfg, resume, console)
     if not cfg.data:
         raise ValueError("no training data: pass --data DIR, a folder made by `deepsail data prepare`.")
     tokenizer = data_tokenizer(cfg.data, cfg.tokenizer)
-    loader = PackedLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, device=device)
+    rank, ranks = (mesh.dp_rank, mesh.shape.dp) if mesh is not None else (0, 1)
+    loader = PackedLoader(
+        cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=ranks, device=device
+    )
     token_bytes = token_byte_lengths(tokenizer)
 
-    seed_everything(cfg.seed)  # before init: same seed, same initial weights
-    if start is not None:
+    seed_everything(cfg.seed)  # before init: same seed, same initial weights (on every rank, before sharding)
+    if start is not None and is_sharded(start):
+        model = Transformer(read_config(start))  # its weights come from the shards, once the mesh lays it out
+    elif start is not None:
         model = from_pretrained(start)
     else:
         mcfg = model_config or ModelConfig.preset(cfg.model_preset)
@@ -81,8 +105,10 @@ def pretrain(
     )
 
     def validation(m: torch.nn.Module) -> dict[str, float]:  # the same batches, in the same order, every time
+        # Global-batch-sized validation batches, read whole by every rank (a sharded model needs all ranks in each
+        # forward): the same validation set at any world size.
         batches = eval_batches(
-            cfg.data, cfg.batch_size, cfg.seq_len, "val", max_batches=cfg.eval_batches, device=device
+            cfg.data, cfg.batch_size * ranks, cfg.seq_len, "val", max_batches=cfg.eval_batches, device=device
         )
         result = evaluate(m, batches, token_bytes, device, precision)
         return {k: result[k] for k in ("loss", "ppl", "bpb")}
@@ -104,6 +130,7 @@ def pretrain(
         run_info=run_info,
         console=console,
         name="pretrain",
+        mesh=mesh,
     )
 
 
@@ -146,6 +173,26 @@ def write_card(
 # The CLI verb: `deepsail pretrain`. Its flags are TrainConfig's knobs.
 
 
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _same_global_batch(cfg: TrainConfig, state: dict[str, Any], given: frozenset[str]) -> TrainConfig:
+    """Resuming on another number of data-parallel ranks: keep the saved global batch (so the run reads the same
+    windows in the same order) by rescaling the per-rank --batch-size, unless the user set one."""
+    from deepsail.parallel.mesh import launched_world, mesh_shape
+
+    saved_dp = (state.get("mesh") or {}).get("dp_replicate", 1) * (state.get("mesh") or {}).get("dp_shard", 1)
+    saved_dp *= (state.get("mesh") or {}).get("ep", 1)
+    dp = mesh_shape(launched_world(), cfg.dp_replicate, cfg.dp_shard, cfg.ep, cfg.tp).dp
+    total = cfg.batch_size * saved_dp
+    if dp == saved_dp or "batch_size" in given or total % dp:
+        return cfg  # unchanged, the user's choice, or impossible (the loader then says what would fit)
+    return cfg.replace(batch_size=total // dp)
+
+
 @options(cfg=Options(TrainConfig))
 def pretrain_command(
     cfg: TrainConfig,
@@ -164,6 +211,7 @@ def pretrain_command(
       deepsail pretrain --data data --steps 2000 --batch-size 16 --grad-accum 4 --lr 1e-3 --out runs/a
       deepsail pretrain --out runs/mini --resume              # exact continuation after a crash or kill -9
       deepsail pretrain --out runs/mini --resume --steps 5000 # continue, with one setting changed
+      torchrun --nproc_per_node 8 -m deepsail pretrain --data data --dp-shard 2 --tp 2 --ep 2 --out runs/big
     """
     from deepsail.card import invocation
 
@@ -183,8 +231,13 @@ def pretrain_command(
             )
         saved = TrainConfig.from_dict(state["train_config"])
         changed: dict[str, Any] = {k: getattr(cfg, k) for k in given if k in TrainConfig.__dataclass_fields__}
+        # The mesh is this launch's (its flags or their defaults), never the saved run's.
+        changed |= {k: getattr(cfg, k) for k in MESH_FIELDS}
         cfg = saved.replace(**changed)
+        cfg = _same_global_batch(cfg, state, given)
     result = pretrain(cfg, resume=resume)
+    if not _is_main():
+        return result
     budget = " ".join(f"--{k} {v:g}" for k, v in (("steps", cfg.steps), ("minutes", cfg.minutes)) if v is not None)
     write_card(
         result,
