@@ -56,7 +56,15 @@ from torch import nn
 
 from deepsail.files import atomic_dir
 from deepsail.flags import knob
-from deepsail.model.hf import _KEEP_FP32, WEIGHT_FILES, config_to_hf, hf_to_native, native_to_hf, read_config
+from deepsail.model.hf import (
+    _KEEP_FP32,
+    WEIGHT_FILES,
+    config_to_hf,
+    deepsail_section,
+    hf_to_native,
+    native_to_hf,
+    read_config,
+)
 from deepsail.model.moe import Experts
 from deepsail.precision import hf_dtype_name, to_dtype
 
@@ -616,7 +624,7 @@ def save_quantized(model: nn.Module, path: str | Path, copy_from: str | Path | N
         raise ValueError("this model is not quantized; quantize(model, ...) first, or use its own save_pretrained.")
     tensors = quantized_state_dict(model)
     hf_config = config_to_hf(model.config, hf_dtype_name(model.embed_tokens.weight.dtype))
-    hf_config["deepsail"] = {"mtp_loss_weight": model.config.mtp_loss_weight}
+    hf_config["deepsail"] = deepsail_section(model.config)
     hf_config["quantization_config"] = qc
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -200,6 +200,11 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     return out
 
 
+def deepsail_section(config: ModelConfig) -> dict[str, Any]:
+    """config.json's "deepsail" section: the fields HF has no key for (read back by `read_config`)."""
+    return {"mtp_loss_weight": config.mtp_loss_weight, **config.options}
+
+
 def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """HF has two spellings: `rope_theta` + `rope_scaling` (<= 4.x) and `rope_parameters` (5.x)."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -458,7 +463,7 @@ def save_hf(
         size += nbytes
 
     hf_config = config_to_hf(model.config, hf_dtype_name(saved_dtype))
-    hf_config["deepsail"] = {"mtp_loss_weight": model.config.mtp_loss_weight, **model.config.options}
+    hf_config["deepsail"] = deepsail_section(model.config)
     with atomic_dir(path, carry=lambda name: name != "config.json" and not WEIGHT_FILES.match(name)) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         meta = {"format": "pt"}
