@@ -12,6 +12,7 @@ from deepsail.errors import cli_verb
 from deepsail.eval.cli import eval_command
 from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
+from deepsail.model.upcycle import upcycle_command
 from deepsail.run import run
 from deepsail.serve.cli import serve_command
 from deepsail.train.pretrain import pretrain_command
@@ -57,6 +58,7 @@ app.command("sft")(cli_verb(sft_command))
 app.command("dpo")(cli_verb(dpo_command))
 app.command("grpo")(cli_verb(grpo_command))
 app.command("distill")(cli_verb(distill_command))
+app.command("upcycle")(cli_verb(upcycle_command))
 app.command("quantize")(cli_verb(quantize_command))
 app.command("generate")(cli_verb(generate_command))
 app.command("chat")(cli_verb(chat_command))
