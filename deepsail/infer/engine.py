@@ -181,6 +181,12 @@ class RequestHandle:
         the top n (id, log-probability)); None for the first token. Complete once the first token is out."""
         return self._state.prompt_logprobs
 
+    @property
+    def prompt_entropy(self) -> list[float | None] | None:
+        """With `SamplingParams.prompt_logprobs`: per prompt token, the entropy (nats) of the model's next-token
+        distribution at the position before it; None for the first token. Complete once the first token is out."""
+        return self._state.prompt_entropy
+
     def cancel(self) -> None:
         """Stop generating; the request's blocks are freed within one step and its stream ends with "abort"."""
         self._engine._cancel(self.request_id)
@@ -580,13 +586,17 @@ class Engine:
             logp = self.model.logits_of(hidden_ND[a:b]).float().log_softmax(-1)
             targets = torch.tensor(req.tokens[start + a + 1 : start + b + 1], device=logp.device)
             chosen = logp.gather(1, targets[:, None]).squeeze(1).tolist()
+            # one more pass over the [chunk, V] log-probs already in hand (the head's matmul before it is D x as much);
+            # entr() is -p log p with 0 at p = 0, where exp(logp) * logp would give nan for a -inf logit
+            entropy = torch.special.entr(logp.exp()).sum(-1).tolist()
             if n_top:
                 top_lp, top_ids = logp.topk(n_top, dim=-1)
                 tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_lp.tolist())]
             else:
                 tops = [[] for _ in chosen]
-            for j, (lp, top) in enumerate(zip(chosen, tops)):
+            for j, (lp, top, h) in enumerate(zip(chosen, tops, entropy)):
                 req.state.prompt_logprobs[start + a + j + 1] = (lp, top)
+                req.state.prompt_entropy[start + a + j + 1] = h
 
     def _match_prefix(self, req: _Request) -> tuple[list[int], list[int]]:
         """Cached blocks for the longest run of req's full leading blocks, and their chain hashes. At least one

@@ -299,6 +299,9 @@ class DecodeState:
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = (
             [None] * len(self.prompt_ids) if scored else None
         )
+        # Beside each scored prompt token: the entropy (nats) of the model's distribution at the position before it,
+        # its uncertainty there whatever the token was. The edge/cloud router reads its mean (serve/route.py).
+        self.prompt_entropy: list[float | None] | None = [None] * len(self.prompt_ids) if scored else None
         self.generator = None if self.params.greedy else self.params.make_generator()
         self.stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.eos_ids))
         self._seen: torch.Tensor | None = None

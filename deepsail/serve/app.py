@@ -69,6 +69,7 @@ class Served:
     vocab_size: int
     max_token_bytes: int = 64  # the most bytes of text one token stands for (Tokenizer.max_token_bytes)
     adapters: tuple[str, ...] = ()  # LoRA adapters a request may name as its `model`
+    router: Any = None  # serve.route.Router when serving edge + cloud (`engine` is then both, for metrics/shutdown)
 
 
 def load_served(

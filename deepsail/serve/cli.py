@@ -39,13 +39,13 @@ def parse_bytes(text: str) -> int:
 
 def serve_command(
     path: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             help="A model dir (config.json + *.safetensors + tokenizer.json) or a deepsail training run folder "
-            "(its checkpoints/latest is served).",
+            "(its checkpoints/latest is served). Not with --route.",
             show_default=False,
         ),
-    ],
+    ] = None,
     host: Annotated[
         str,
         typer.Option(
@@ -101,6 +101,36 @@ def serve_command(
             "first compile of 20-40 s while the server warms up."
         ),
     ] = False,
+    route: Annotated[
+        list[str] | None,
+        typer.Option(
+            show_default=False,
+            help="Edge/cloud routing instead of PATH: --route edge=DIR --route cloud=DIR serves both (same "
+            'tokenizer); a request\'s `model` "auto" (the default) goes to one by estimated difficulty, "edge" or '
+            '"cloud" to that one.',
+        ),
+    ] = None,
+    cloud_share: Annotated[
+        float,
+        typer.Option(
+            help="With --route: the share of held-out prompts the calibrated threshold sends to the cloud.",
+        ),
+    ] = 0.3,
+    route_threshold: Annotated[
+        float | None,
+        typer.Option(
+            show_default=False,
+            help="With --route: the difficulty above which `auto` goes to the cloud, instead of calibrating one.",
+        ),
+    ] = None,
+    route_calibration: Annotated[
+        Path | None,
+        typer.Option(
+            show_default=False,
+            help='With --route: held-out prompts to calibrate on, JSONL with "prompt" (text) per line. Default: '
+            "64 cut from the embedded corpus's validation split.",
+        ),
+    ] = None,
     device: Device = "auto",
     dtype: DType = "auto",
     threads: Annotated[
@@ -123,6 +153,7 @@ def serve_command(
       deepsail serve runs/base --port 8000
       deepsail serve runs/base --compile              # compiled decode steps
       deepsail serve runs/base --adapter finance=runs/finance/adapter --adapter law=runs/law/adapter
+      deepsail serve --route edge=runs/int4 --route cloud=runs/base --cloud-share 0.3   # model "auto" routes
       DEEPSAIL_API_KEY=sk-... deepsail serve runs/base --host 0.0.0.0 --max-batch-size 64
       curl localhost:8000/generate -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 32}'
     """
@@ -138,8 +169,23 @@ def serve_command(
         # oversubscribed CPU decode can get 10x slower with more threads, not faster.
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    if not Path(path).exists():
+    from deepsail.serve.route import load_routed, parse_routes
+
+    try:
+        routes = parse_routes(route or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--route") from None
+    if routes and (path is not None or adapter):
+        raise typer.BadParameter("--route serves its two folders: give no PATH and no --adapter", param_hint="--route")
+    if not routes and path is None:
+        raise typer.BadParameter("give a model folder, or --route edge=DIR --route cloud=DIR", param_hint="PATH")
+    if path is not None and not Path(path).exists():
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
+    if not 0 <= cloud_share <= 1:
+        raise typer.BadParameter(f"{cloud_share}: a share, between 0 and 1", param_hint="--cloud-share")
+    calibration = None
+    if route_calibration is not None:
+        calibration = _calibration_prompts(route_calibration)
     # Everything that can be checked before the port opens is: a bad flag fails in one line, not from the loader.
     kv_budget_bytes = parse_bytes(kv_budget) if kv_budget else None
     adapters: dict[str, str] = {}
@@ -164,6 +210,20 @@ def serve_command(
     failed: list[BaseException] = []
 
     def load():
+        if routes:
+            return load_routed(
+                routes,
+                cloud_share=cloud_share,
+                threshold=route_threshold,
+                calibration=calibration,
+                device=device,
+                dtype=dtype,
+                max_batch_size=max_batch_size,
+                kv_budget_bytes=kv_budget_bytes,
+                max_waiting=max_waiting,
+                max_model_len=max_model_len,
+                compile_decode=compile,
+            )
         return load_served(
             path,
             device=device,
@@ -192,3 +252,27 @@ def serve_command(
     server.run()
     if failed:
         raise failed[0]  # the CLI's one error path reports it (one line for an expected failure)
+
+
+def _calibration_prompts(path: Path) -> list[str]:
+    """--route-calibration: {"prompt": TEXT} per line."""
+    import json
+
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file", param_hint="--route-calibration")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (ValueError, KeyError, TypeError):
+            raise typer.BadParameter(
+                f'{path}:{n}: expected a JSON object with a "prompt" string', param_hint="--route-calibration"
+            ) from None
+        if not isinstance(prompt, str) or not prompt:
+            raise typer.BadParameter(f'{path}:{n}: "prompt" must be non-empty text', param_hint="--route-calibration")
+        prompts.append(prompt)
+    if not prompts:
+        raise typer.BadParameter(f"{path} has no prompts", param_hint="--route-calibration")
+    return prompts

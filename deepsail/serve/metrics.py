@@ -40,6 +40,7 @@ class EngineCollector(Collector):
             "kv_blocks_used": ("deepsail_kv_cache_blocks_used", "KV cache blocks in use."),
             "kv_blocks_total": ("deepsail_kv_cache_blocks_total", "KV cache blocks in the pool."),
             "kv_usage": ("deepsail_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)."),
+            "route_threshold": ("deepsail_route_threshold", "Difficulty above which `auto` requests go to the cloud."),
         }
         for key, (name, doc) in gauges.items():
             if key in s:
@@ -86,6 +87,19 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("deepsail_prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.generation_tokens = Counter("deepsail_generation_tokens", "Tokens generated.", registry=r)
+        # edge/cloud routing (serve/route.py); no samples on a server that does not route
+        self.route_requests = Counter(
+            "deepsail_route_requests",
+            "Routed requests by target (edge, cloud) and mode (auto: the router chose; explicit: the client did).",
+            ["target", "mode"],
+            registry=r,
+        )
+        self.route_difficulty = Histogram(
+            "deepsail_route_difficulty",
+            "Estimated difficulty of `auto` requests (edge prefill entropy, nats, + length term).",
+            buckets=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 10.0),
+            registry=r,
+        )
         r.register(EngineCollector(stats))
 
     def render(self) -> bytes:

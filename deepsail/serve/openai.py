@@ -15,12 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response
 
 from deepsail.infer.sampling import SamplingParams
 from deepsail.serve import protocol as P
 from deepsail.serve.metrics import ServerMetrics
 from deepsail.serve.protocol import APIError
+from deepsail.serve.route import AUTO, EDGE, TARGETS, RouteChoice, scoring_params
 from deepsail.serve.streams import ChoiceStreams, collect, sse_response
 
 # `Served`, `ServerConfig` and the app's `State` are defined in app.py, which imports this module to add the routes;
@@ -80,12 +82,18 @@ def check_model(served: Served, cfg: ServerConfig, requested: str | None) -> tup
     """(the model id to answer as, the adapter to run: None for the base). A request names the base model or one
     of its adapters (`deepsail serve BASE --adapter finance=DIR`); anything else is a 404 (as vLLM): silently
     answering with another model is wrong output."""
-    name = cfg.model_name or served.model_name
-    if requested is None or requested == name:
-        return name, None
-    if requested in served.adapters:
-        return requested, requested
-    known = ", ".join(f"`{n}`" for n in [name, *served.adapters])
+    if served.router is not None:  # edge/cloud routing: "auto" (the default) lets the router choose
+        if requested is None or requested in (AUTO, *TARGETS):
+            return requested or AUTO, None
+        names = [AUTO, *TARGETS]
+    else:
+        name = cfg.model_name or served.model_name
+        if requested is None or requested == name:
+            return name, None
+        if requested in served.adapters:
+            return requested, requested
+        names = [name, *served.adapters]
+    known = ", ".join(f"`{n}`" for n in names)
     raise APIError(
         404,
         f"The model `{requested}` does not exist; this server serves {known} (see /v1/models).",
@@ -119,15 +127,21 @@ def check_ids(served: Served, ids: list[int]) -> None:
 
 
 def submit(
-    served: Served, cfg: ServerConfig, jobs: list[tuple[list[int], SamplingParams]], adapter: str | None = None
+    served: Served,
+    cfg: ServerConfig,
+    jobs: list[tuple[list[int], SamplingParams]],
+    adapter: str | None = None,
+    route: RouteChoice | None = None,
 ) -> list[Any]:
-    """Submit every choice or none: a full queue part way through cancels the ones already in."""
+    """Submit every choice or none: a full queue part way through cancels the ones already in. With `route`, to
+    that target's engine."""
     from deepsail.infer.engine import EngineClosed, QueueFull
 
+    engine = served.engine if route is None else served.router.targets[route.target].engine
     handles: list[Any] = []
     try:
         for ids, params in jobs:
-            handles.append(served.engine.submit(ids, params, adapter))
+            handles.append(engine.submit(ids, params, adapter))
     except EngineClosed as e:
         for h in handles:
             h.cancel()
@@ -146,6 +160,37 @@ def submit(
             h.cancel()
         raise APIError(400, str(e)) from e
     return handles
+
+
+async def choose_route(
+    served: Served, cfg: ServerConfig, metrics: ServerMetrics, requested: str, prompts: list[list[int]]
+) -> RouteChoice | None:
+    """Where a routed request runs (None when the server does not route). "auto": the edge scores every prompt
+    (one batched prefill each) and the hardest decides; a named target is taken as asked."""
+    router = served.router
+    if router is None:
+        return None
+    if requested != AUTO:
+        choice = RouteChoice(requested, "explicit")
+    else:
+        t0 = time.perf_counter()
+        handles = submit(served, cfg, [(ids, scoring_params()) for ids in prompts], route=RouteChoice(EDGE, AUTO))
+        try:
+            for h in handles:
+                async for _ in h.stream():
+                    pass
+        finally:
+            for h in handles:
+                if not h.done:
+                    h.cancel()  # the client went away (or the edge failed) while we waited
+        elapsed = time.perf_counter() - t0
+        choice = max(
+            (router.decide(h.prompt_entropy, len(ids), elapsed) for h, ids in zip(handles, prompts)),
+            key=lambda c: c.difficulty,
+        )
+        metrics.route_difficulty.observe(choice.difficulty)
+    metrics.route_requests.labels(choice.target, choice.mode).inc()
+    return choice
 
 
 # --- writing results out ---------------------------------------------------------------------------------------------
@@ -193,9 +238,11 @@ async def _respond(
     prompt_tokens: int,
     chunks: Callable[[int, Any], list[dict]],
     body: Callable[[list[list[Any]]], Any],
+    route: RouteChoice | None = None,
 ) -> Any:
     """The one stream / collect path: SSE of `chunks` (then, when asked, a usage chunk under the same `head`: id,
-    object, created, model), or `body` of all events."""
+    object, created, model), or `body` of all events. A routed request says where it ran in a header too."""
+    headers = {"X-Deepsail-Route": route.header()} if route is not None else {}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -204,11 +251,16 @@ async def _respond(
                 [head | {"choices": [], "usage": usage(prompt_tokens, streams).model_dump()}] if include_usage else []
             )
 
-        return sse_response(request, streams, chunks, tail)
+        response = sse_response(request, streams, chunks, tail)
+        response.headers.update(headers)
+        return response
     per_choice, connected = await collect(request, streams)
     if not connected:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    return body(per_choice)
+    result = body(per_choice)
+    if not headers:
+        return result
+    return JSONResponse(jsonable_encoder(result), headers=headers)
 
 
 # --- the routes -------------------------------------------------------------------------------------------------------
@@ -228,6 +280,8 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
     @app.get("/v1/models", dependencies=protected, response_model=P.ModelList)
     async def models() -> P.ModelList:
         s = state.ready()
+        if s.router is not None:
+            return P.ModelList(data=[P.ModelCard(id=n, max_model_len=s.max_model_len) for n in (AUTO, *TARGETS)])
         base = model_name(s)
         cards = [P.ModelCard(id=base, max_model_len=s.max_model_len)]
         cards += [P.ModelCard(id=a, max_model_len=s.max_model_len, parent=base) for a in s.adapters]
@@ -259,11 +313,14 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
             max_tokens = fit(s, len(ids), req.max_tokens)
             prompt_tokens += len(ids)
             jobs += [(ids, sampling_params(req, max_tokens, req.logprobs, j, scoring)) for j in range(req.n)]
+        route = await choose_route(s, cfg, metrics, answer_as, encoded)
         metrics.prompt_tokens.inc(prompt_tokens)
         prompt_of = [ids for ids in encoded for _ in range(req.n)]
         echo = [tok.decode(ids) if req.echo else "" for ids in prompt_of]
-        streams = ChoiceStreams(submit(s, cfg, jobs, adapter), metrics, arrival)
+        streams = ChoiceStreams(submit(s, cfg, jobs, adapter, route), metrics, arrival)
         head = {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": answer_as}
+        if route is not None:
+            head |= {"model": route.target, "route": route.as_json()}
         offsets = [0] * len(jobs)  # text_offset of the next token, per choice
         first = [True] * len(jobs)
 
@@ -305,7 +362,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
             ]
             return P.CompletionResponse(**head, choices=choices, usage=usage(prompt_tokens, streams))
 
-        return await _respond(request, req, streams, head, prompt_tokens, chunks, body)
+        return await _respond(request, req, streams, head, prompt_tokens, chunks, body, route)
 
     @app.post("/v1/chat/completions", dependencies=protected, response_model=P.ChatCompletionResponse, responses=errors)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
@@ -320,14 +377,17 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         max_tokens = fit(s, len(ids), req.max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(ids, sampling_params(req, max_tokens, logprobs, j)) for j in range(req.n)]
+        route = await choose_route(s, cfg, metrics, answer_as, [ids])
         metrics.prompt_tokens.inc(len(ids))
-        streams = ChoiceStreams(submit(s, cfg, jobs, adapter), metrics, arrival)
+        streams = ChoiceStreams(submit(s, cfg, jobs, adapter, route), metrics, arrival)
         head = {
             "id": P.new_id("chatcmpl"),
             "object": "chat.completion.chunk",
             "created": P.now(),
             "model": answer_as,
         }
+        if route is not None:
+            head |= {"model": route.target, "route": route.as_json()}
         first = [True] * req.n
 
         def logprobs_of(evs: list[Any]) -> P.ChoiceLogprobs | None:
@@ -395,9 +455,10 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 model=head["model"],
                 choices=choices,
                 usage=usage(len(ids), streams),
+                route=head.get("route"),
             )
 
-        return await _respond(request, req, streams, head, len(ids), chunks, body)
+        return await _respond(request, req, streams, head, len(ids), chunks, body, route)
 
     @app.post("/generate", dependencies=protected, response_model=P.GenerateResponse, responses=errors)
     async def generate(req: P.GenerateRequest, request: Request) -> Any:
@@ -409,8 +470,9 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         ids = await tokenize(lambda: s.tokenizer.encode(req.prompt))
         check_ids(s, ids)
         params = sampling_params(req, fit(s, len(ids), req.max_tokens), None, 0)
+        route = await choose_route(s, cfg, metrics, answer_as, [ids])
         metrics.prompt_tokens.inc(len(ids))
-        streams = ChoiceStreams(submit(s, cfg, [(ids, params)], adapter), metrics, arrival)
+        streams = ChoiceStreams(submit(s, cfg, [(ids, params)], adapter, route), metrics, arrival)
 
         def body(per_choice: list[list[Any]]) -> P.GenerateResponse:
             (evs,) = per_choice
@@ -418,7 +480,7 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
                 text="".join(ev.text for ev in evs), finish_reason=finish_reason(evs), usage=usage(len(ids), streams)
             )
 
-        return await _respond(request, req, streams, {}, len(ids), lambda i, ev: [], body)
+        return await _respond(request, req, streams, {}, len(ids), lambda i, ev: [], body, route)
 
     # --- vLLM's tokenizer endpoints: lm-eval's `local-completions` (and other clients) tokenize through the server,
     # so they need no copy of the tokenizer and always agree with what the model is fed.

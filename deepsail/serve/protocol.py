@@ -175,6 +175,15 @@ def now() -> int:
     return int(time.time())
 
 
+class RouteInfo(BaseModel):
+    """Where an edge/cloud-routed request ran (`deepsail serve --route`): absent on a server that does not route."""
+
+    target: Literal["edge", "cloud"]
+    mode: Literal["auto", "explicit"]
+    difficulty: float | None = None
+    threshold: float | None = None
+
+
 class CompletionResponse(BaseModel):
     id: str = Field(default_factory=lambda: new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
@@ -182,6 +191,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    route: RouteInfo | None = None
 
 
 # --- /v1/chat/completions ---------------------------------------------------------------------------------------------
@@ -280,6 +290,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    route: RouteInfo | None = None
 
 
 # --- /generate (plain JSON, no OpenAI envelope) -----------------------------------------------------------------------
