@@ -131,6 +131,19 @@ def serve_command(
             "64 cut from the embedded corpus's validation split.",
         ),
     ] = None,
+    replicas: Annotated[
+        str,
+        typer.Option(
+            help="1: this process serves. auto: a Ray Serve deployment autoscaled between --min-replicas and "
+            "--max-replicas (scale up above 80% of --max-batch-size ongoing requests per replica, down below 30%); "
+            "N: N Ray replicas. Needs pip install 'deepsail[ray]'; joins the cluster in RAY_ADDRESS if set.",
+        ),
+    ] = "1",
+    min_replicas: Annotated[int, typer.Option(help="With --replicas auto: the fewest replicas.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="With --replicas auto: the most replicas.")] = 4,
+    replica_cpus: Annotated[
+        float, typer.Option(help="With --replicas: Ray CPUs (and torch threads) per replica.")
+    ] = 1.0,
     device: Device = "auto",
     dtype: DType = "auto",
     threads: Annotated[
@@ -154,6 +167,7 @@ def serve_command(
       deepsail serve runs/base --compile              # compiled decode steps
       deepsail serve runs/base --adapter finance=runs/finance/adapter --adapter law=runs/law/adapter
       deepsail serve --route edge=runs/int4 --route cloud=runs/base --cloud-share 0.3   # model "auto" routes
+      deepsail serve runs/base --replicas auto --max-replicas 8 --max-batch-size 16   # Ray Serve, autoscaled
       DEEPSAIL_API_KEY=sk-... deepsail serve runs/base --host 0.0.0.0 --max-batch-size 64
       curl localhost:8000/generate -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_tokens": 32}'
     """
@@ -183,6 +197,7 @@ def serve_command(
         raise typer.BadParameter(f"{path} does not exist", param_hint="PATH")
     if not 0 <= cloud_share <= 1:
         raise typer.BadParameter(f"{cloud_share}: a share, between 0 and 1", param_hint="--cloud-share")
+    ray_replicas = _parse_replicas(replicas, min_replicas, max_replicas, max_batch_size, replica_cpus)
     calibration = None
     if route_calibration is not None:
         calibration = _calibration_prompts(route_calibration)
@@ -241,6 +256,10 @@ def serve_command(
         server.should_exit = True  # a server that can never be ready should not sit there answering 503
 
     cfg = ServerConfig(api_key=api_key, model_name=served_model_name)
+    if ray_replicas is not None:
+        from deepsail.serve import ray as ray_serve
+
+        return ray_serve.run(load, cfg, ray_replicas, host, port)
     app = create_app(load, cfg, on_load_error)
     # uvicorn drains on SIGTERM: stops listening, lets in-flight requests run for `timeout_graceful_shutdown`
     # seconds, cancels what is left (which cancels it in the engine), then runs the app's shutdown.
@@ -276,3 +295,19 @@ def _calibration_prompts(path: Path) -> list[str]:
     if not prompts:
         raise typer.BadParameter(f"{path} has no prompts", param_hint="--route-calibration")
     return prompts
+
+
+def _parse_replicas(text: str, lo: int, hi: int, batch: int, cpus: float):
+    """--replicas: None for "1" (this process serves), else the Ray deployment's `Replicas`."""
+    from deepsail.serve.ray import Replicas
+
+    if text == "1":
+        return None
+    if text != "auto" and not (text.isdigit() and int(text) > 1):
+        raise typer.BadParameter(f"{text!r}: expected 1, auto, or a number of replicas", param_hint="--replicas")
+    if text != "auto":
+        lo = hi = int(text)
+    try:
+        return Replicas(min_replicas=lo, max_replicas=hi, capacity=batch, num_cpus=cpus)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--replicas") from None
