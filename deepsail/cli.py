@@ -14,6 +14,7 @@ from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
 from deepsail.model.upcycle import upcycle_command
 from deepsail.run import run
+from deepsail.train.hpo import hpo_command
 from deepsail.serve.cli import serve_command
 from deepsail.train.pretrain import pretrain_command
 from deepsail.tune.distill import distill_command
@@ -53,6 +54,7 @@ data_app.command("prepare")(cli_verb(data_prepare))
 app.add_typer(data_app, name="data")
 
 app.command("pretrain")(cli_verb(pretrain_command))
+app.command("hpo")(cli_verb(hpo_command))
 app.command("finetune")(cli_verb(finetune_command))
 app.command("sft")(cli_verb(sft_command))
 app.command("dpo")(cli_verb(dpo_command))

@@ -23,3 +23,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         warnings.simplefilter("ignore")  # "ran out of pairs to merge" on this little text is fine
         Tokenizer.train([d.text for d in default_corpus("train", max_bytes=100_000)], vocab_size=512).save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A tokenized data folder as `deepsail data prepare` makes it: the tokenizer of `tiny_model_dir`'s kind (a
+    512-token BPE) over 100 kB of the embedded corpus. Its tokenizer sits in the folder's parent /tokenizer."""
+    from deepsail.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tinydata")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = Tokenizer.train([d.text for d in default_corpus("train", max_bytes=100_000)], vocab_size=512)
+    tok.save(root / "tokenizer")
+    prepare(None, root / "tokenizer", root / "data", max_bytes=100_000, progress=False)
+    return root / "data"

@@ -9,7 +9,10 @@ that knows HF's names.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +216,34 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, items: Sequence[str]) -> ModelConfig:
+        """This config with `KEY=VALUE` strings applied (`--arch`), each value parsed as its field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, _, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in fields or key == "extra":
+                near = difflib.get_close_matches(key, fields, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"--arch {item!r}: ModelConfig has no field {key!r}{hint}")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, bool):
+                    if raw.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(raw)
+                    value: Any = raw.lower() in ("true", "1")
+                elif isinstance(current, (int, float)) and not isinstance(current, bool):
+                    value = type(current)(raw)
+                elif current is None or isinstance(current, (dict, list)):
+                    value = json.loads(raw)
+                else:
+                    value = raw
+            except ValueError as e:
+                raise ValueError(f"--arch {item!r}: {raw!r} is not a valid {type(current).__name__}") from e
+            changes[key] = value
+        return self.replace(**changes)
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:

@@ -32,6 +32,18 @@ class TrainConfig:
     model_preset: str = knob(
         "deepseek-v3-debug", "Model preset, e.g. deepseek-v3-debug, deepseek-v3-mini, deepseek-v3-small."
     )
+    arch: tuple[str, ...] = knob(
+        (),
+        "Change one field of the preset's ModelConfig, as KEY=VALUE (repeatable), e.g. --arch attn_gate=headwise "
+        "--arch num_hidden_layers=4.",
+        show_default=False,
+    )
+    init: str = knob(
+        "",
+        "Start from this model's weights (a model or run folder, e.g. `deepsail upcycle`'s output) at step 0 with a "
+        "fresh optimizer; the model's own config replaces --model-preset.",
+        show_default=False,
+    )
     device: str = knob("auto", DEVICE_HELP + ".")
 
     # --- how long: stop at whichever limit comes first (at least one is required) ---
@@ -54,6 +66,10 @@ class TrainConfig:
     beta2: float = knob(0.95, "AdamW beta2.")
     eps: float = knob(1e-8, "AdamW epsilon.")
     grad_clip: float = knob(1.0, "Max global gradient norm; 0 disables clipping (the norm is still logged).")
+    dropout: float = knob(0.0, "Residual dropout on each block's attention and MLP output (training only).")
+    dropout_end: float | None = knob(
+        None, "Dropout schedule: move linearly from --dropout to this by the end of the run (e.g. 0.3 -> 0.1)."
+    )
 
     # --- numerics and memory ---
     precision: str = knob(
@@ -123,6 +139,15 @@ class TrainConfig:
             raise ValueError(f"betas must be in [0, 1), got beta1={self.beta1}, beta2={self.beta2}.")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}.")
+        for name in ("dropout", "dropout_end"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+        for item in self.arch:
+            if "=" not in item:
+                raise ValueError(f"--arch {item!r}: expected KEY=VALUE, e.g. attn_gate=headwise")
+        if self.arch and self.init:
+            raise ValueError("--arch changes a preset; --init takes the model as it is. Use one of them.")
         self.precision = parse_precision(self.precision)
 
     @property
@@ -140,6 +165,8 @@ class TrainConfig:
         d = dict(d)
         if "max_minutes" in d:  # its name in runs saved before the knob was renamed to match --minutes
             d["minutes"] = d.pop("max_minutes")
+        if "arch" in d:
+            d["arch"] = tuple(d["arch"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

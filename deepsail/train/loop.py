@@ -63,6 +63,7 @@ from deepsail.train.checkpoint import (
     save_sharded_checkpoint,
 )
 from deepsail.train.config import TrainConfig
+from deepsail.train.dropout import ResidualDropout
 from deepsail.train.metrics import MetricsLogger, peak_flops
 from deepsail.train.optim import build_optimizer, decay_progress, lr_at
 
@@ -266,11 +267,13 @@ def _train_loop(
     name: str = "train",
     save_model: Callable[[nn.Module, Path], None] | None = None,
     mesh: ParallelMesh | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """`evaluate(model)` -> val metrics; `tokens_per_batch(micro_batch)` -> tokens for tok/s and MFU; `tokenizer`
     is saved into every checkpoint; `run_info` joins run_config.json; `name` labels the progress bar;
     `save_model(model, folder)` writes a checkpoint's weights (default: `model.save_pretrained`); `mesh`: this
-    process's place in a torchrun launch (None: one process)."""
+    process's place in a torchrun launch (None: one process); `on_eval(step, val_metrics)` runs after each
+    validation pass (a hyperparameter search reports and prunes there)."""
     import torch.distributed as dist
 
     from deepsail.parallel.ep import reduce_expert_load
@@ -296,6 +299,7 @@ def _train_loop(
     model.to(device)
     step_model = parallelize(model, mesh, cfg)
     model.train()
+    dropout = ResidualDropout(model, cfg.dropout, cfg.dropout_end) if cfg.dropout or cfg.dropout_end else None
     optimizer = build_optimizer(model, cfg)
     scaler = make_scaler(device, precision)
     peak, peak_source = peak_flops(device, precision)
@@ -375,6 +379,8 @@ def _train_loop(
         metrics.log(step, "val", result)
         metrics.plot()
         console.print(f"step {step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in result.items()))
+        if on_eval is not None:
+            on_eval(step, result)
         return result
 
     def done(step: int, elapsed_s: float) -> bool:
@@ -438,6 +444,8 @@ def _train_loop(
         }
         if precision == "fp16":
             row["loss_scale"] = scaler.get_scale()
+        if dropout is not None:
+            row["dropout"] = dropout.p
         metrics.log(step, "train", row)
         for v in sums.values():
             v.zero_()
@@ -467,6 +475,8 @@ def _train_loop(
             lr = lr_at(step, decay_progress(step, clock(), cfg), cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if dropout is not None:
+                dropout.at(run_progress(step, clock(), cfg))
 
             micro = [next(loader_it) for _ in range(cfg.grad_accum)]
             for k, v in forward_backward(step_model, micro, loss_fn, device, precision, scaler, loss_context).items():
@@ -521,6 +531,8 @@ def _train_loop(
     measured = windows[1:] or windows
     tok_per_s = sum(t for t, _ in measured) / sum(s for _, s in measured) if measured else 0.0
     tokens_per_step = state["tokens"] / max(step, 1)
+    if dropout is not None:
+        dropout.remove()  # the model leaves the loop as it came in
     result = TrainResult(
         step=step,
         tokens=state["tokens"],

@@ -17,7 +17,7 @@ the model `parallelize` shards (README: "Scale-out").
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,25 +44,35 @@ def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Ten
 
 
 def pretrain(
-    cfg: TrainConfig, *, resume: bool = False, model_config: ModelConfig | None = None, console: Console | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    model_config: ModelConfig | None = None,
+    console: Console | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Pretrain as `cfg` says; with `resume`, continue exactly from `<cfg.out>/checkpoints/latest`.
 
     `model_config` overrides `cfg.model_preset` for a fresh run; a resumed run always takes the model from its
-    checkpoint.
+    checkpoint. `on_eval(step, val_metrics)` is called after each validation pass (`deepsail hpo` prunes there).
     """
     from deepsail.parallel.mesh import close_parallel, init_parallel
 
     cfg.validate()
     mesh = init_parallel(cfg, resolve_device(cfg.device))
     try:
-        return _pretrain(cfg, resume, model_config, console, mesh)
+        return _pretrain(cfg, resume, model_config, console, mesh, on_eval)
     finally:
         close_parallel(mesh)
 
 
 def _pretrain(
-    cfg: TrainConfig, resume: bool, model_config: ModelConfig | None, console: Console | None, mesh: Any
+    cfg: TrainConfig,
+    resume: bool,
+    model_config: ModelConfig | None,
+    console: Console | None,
+    mesh: Any,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     from deepsail.data.loader import PackedLoader, eval_batches
     from deepsail.data.tokenizer import data_tokenizer, token_byte_lengths
@@ -85,8 +95,17 @@ def _pretrain(
         model = Transformer(read_config(start))  # its weights come from the shards, once the mesh lays it out
     elif start is not None:
         model = from_pretrained(start)
+    elif cfg.init:  # another model's weights, e.g. an upcycled one: step 0, a fresh optimizer
+        from deepsail.train.checkpoint import resolve_checkpoint
+
+        model = from_pretrained(resolve_checkpoint(cfg.init), dtype="fp32")
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(
+                f"--init {cfg.init} has vocab_size {model.config.vocab_size} but the tokenizer of {cfg.data} has "
+                f"{tokenizer.vocab_size}; start from a model trained with this data's tokenizer."
+            )
     else:
-        mcfg = model_config or ModelConfig.preset(cfg.model_preset)
+        mcfg = (model_config or ModelConfig.preset(cfg.model_preset)).with_overrides(cfg.arch)
         if mcfg.vocab_size != tokenizer.vocab_size:
             # The embedding must cover every id the tokenizer emits; a preset's vocab is only a default.
             console.print(
@@ -131,6 +150,7 @@ def _pretrain(
         console=console,
         name="pretrain",
         mesh=mesh,
+        on_eval=on_eval,
     )
 
 
