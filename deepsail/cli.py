@@ -13,6 +13,7 @@ from deepsail.eval.cli import eval_command
 from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
 from deepsail.model.upcycle import upcycle_command
+from deepsail.parallel.plan import plan_command
 from deepsail.run import run
 from deepsail.train.hpo import hpo_command
 from deepsail.serve.cli import serve_command
@@ -55,6 +56,7 @@ app.add_typer(data_app, name="data")
 
 app.command("pretrain")(cli_verb(pretrain_command))
 app.command("hpo")(cli_verb(hpo_command))
+app.command("plan")(cli_verb(plan_command))
 app.command("finetune")(cli_verb(finetune_command))
 app.command("sft")(cli_verb(sft_command))
 app.command("dpo")(cli_verb(dpo_command))

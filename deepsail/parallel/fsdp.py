@@ -42,7 +42,9 @@ def apply_fsdp(model: nn.Module, pm: ParallelMesh, precision: str, experts: list
         # FSDP2 averages over its own mesh (dp_replicate x dp_shard); an expert's gradient already sums the tokens
         # of all ep ranks, so the average must run over the full data-parallel degree.
         ex.set_gradient_divide_factor(float(shape.dp))
-        if pm.device.type != "cuda":  # NCCL scales inside the reduce (PREMUL_SUM); gloo sums, then FSDP divides
+        if pm.device.type != "cuda" and expert_mesh.size() > 1:
+            # NCCL scales inside the reduce (PREMUL_SUM), gloo cannot: sum, then FSDP divides. Not on a 1-rank
+            # mesh: there torch 2.13 divides by the factor twice (the experts' gradients came out halved).
             ex.set_force_sum_reduction_for_comms(True)
     # An MTP module's block is its unit; its norms and projection join the root: the model calls `mtp.norm` after
     # the module's forward, when a unit of its own would already have freed (resharded) them.

@@ -93,6 +93,8 @@ def block_plan(block: nn.Module) -> dict[str, object]:
         plan["self_attn.q_b_proj" if attn.q_lora_rank else "self_attn.q_proj"] = ColwiseParallel()
     else:  # GQA
         plan = {f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"} | {"self_attn.o_proj": RowwiseParallel()}
+    if getattr(attn, "gate", None) is not None:  # gated attention: one gate per head (or per head dim), split alike
+        plan["self_attn.gate.proj"] = ColwiseParallel()
     if isinstance(block.mlp, MLP):
         plan |= _mlp_plan("mlp")
     elif isinstance(block.mlp, MoE) and block.mlp.shared_experts is not None:
@@ -143,5 +145,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) 
         if hasattr(attn, "kv_b_proj"):
             attn.kv_a_proj_with_mqa.register_forward_hook(_reduce_rope_key_grad(tp_mesh, attn.rope_dim))
         attn.n_heads //= tp
+        if getattr(attn, "gate", None) is not None:
+            attn.gate.n_heads //= tp
         if hasattr(attn, "n_kv"):
             attn.n_kv //= tp
