@@ -8,7 +8,7 @@ The two folders must share a tokenizer (e.g. `deepsail run --model-preset deepse
 `deepsail pretrain --data runs/cloud/data --model-preset deepseek-v3-debug --out runs/edge`).
 
 What runs:
-1. `load_routed` serves both models; the calibration prompts (64, from one half of the embedded corpus's validation
+1. `app.load_routed` serves both models; the calibration prompts (64, from one half of the embedded corpus's validation
    files) give each target cloud share its threshold;
 2. test prompts come from the other half: a prompt (48-2400 characters, log-uniform) and the 400 characters after it;
 3. quality per prompt and model: next-token accuracy and loss of the model on the continuation, teacher-forced
@@ -132,7 +132,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from deepsail.serve import ServerConfig, create_app
-    from deepsail.serve.route import calibrate, held_out_prompts, load_routed
+    from deepsail.serve.app import load_routed
+    from deepsail.serve.route import calibrate, held_out_prompts
 
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (1 min), "

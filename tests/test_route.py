@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from deepsail.cli import app as cli_app
 from deepsail.model import ModelConfig, Transformer
 from deepsail.serve import ServerConfig, create_app
-from deepsail.serve.route import calibrate, difficulty, held_out_prompts, load_routed, parse_routes
+from deepsail.serve.app import load_routed
+from deepsail.serve.route import calibrate, difficulty, held_out_prompts, parse_routes
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,18 @@ from deepsail.serve.metrics import CONTENT_TYPE, ServerMetrics
 from deepsail.serve.middleware import BodyLimit, CountRequests
 from deepsail.serve.openai import add_routes
 from deepsail.serve.protocol import APIError
+from deepsail.serve.route import (
+    AUTO,
+    CLOUD,
+    DEFAULT_CLOUD_SHARE,
+    DEFAULT_LENGTH_WEIGHT,
+    EDGE,
+    TARGETS,
+    Engines,
+    Router,
+    calibrate,
+    held_out_prompts,
+)
 from deepsail.serve.web import add_web_routes
 
 log = logging.getLogger("deepsail.serve")
@@ -117,6 +129,54 @@ def load_served(
         model.config.vocab_size,
         tokenizer.max_token_bytes,
         tuple(adapter_set.names) if adapter_set else (),
+    )
+
+
+def load_routed(
+    routes: dict[str, str | Path],
+    cloud_share: float = DEFAULT_CLOUD_SHARE,
+    threshold: float | None = None,
+    length_weight: float = DEFAULT_LENGTH_WEIGHT,
+    calibration: Sequence[str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    **engine_config: Any,
+) -> Any:
+    """Load the edge and cloud models (each with its own engine) and calibrate the router; returns the app's
+    `Served`, whose `router` holds both. `calibration`: held-out prompt texts (default: 64 from the embedded
+    corpus's validation split)."""
+    if set(routes) != set(TARGETS):
+        raise ValueError(f"routing needs exactly edge and cloud models, got {sorted(routes)}")
+    loaded: dict[str, Any] = {}
+    try:
+        for name in TARGETS:
+            loaded[name] = load_served(routes[name], device=device, dtype=dtype, **engine_config)
+        edge, cloud = loaded[EDGE], loaded[CLOUD]
+        if edge.tokenizer.sha256 != cloud.tokenizer.sha256 or edge.vocab_size != cloud.vocab_size:
+            raise ValueError(
+                f"edge ({routes[EDGE]}) and cloud ({routes[CLOUD]}) have different tokenizers or vocabularies; "
+                "routing sends one tokenized prompt to either, so they need the same one (a quantized or distilled "
+                "copy of the cloud model keeps its tokenizer)"
+            )
+        router = Router(edge, cloud, 0.0, length_weight, cloud_share)
+        if threshold is None:
+            prompts = list(calibration) if calibration is not None else held_out_prompts(64)
+            limit = min(edge.max_model_len, cloud.max_model_len) - 1
+            scores = [router.estimate_blocking(edge.tokenizer.encode(p)[:limit] or [0]) for p in prompts]
+            threshold = calibrate(scores, cloud_share)
+        router.threshold = threshold
+    except BaseException:
+        for served in loaded.values():
+            served.engine.shutdown(0)
+        raise
+    return Served(
+        Engines(router),
+        cloud.tokenizer,
+        AUTO,
+        min(edge.max_model_len, cloud.max_model_len),
+        cloud.vocab_size,
+        max(edge.max_token_bytes, cloud.max_token_bytes),
+        router=router,
     )
 
 

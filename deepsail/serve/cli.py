@@ -183,7 +183,8 @@ def serve_command(
         # oversubscribed CPU decode can get 10x slower with more threads, not faster.
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    from deepsail.serve.route import load_routed, parse_routes
+    from deepsail.serve.app import load_routed
+    from deepsail.serve.route import parse_routes
 
     try:
         routes = parse_routes(route or [])
