@@ -12,12 +12,12 @@ from deepsail.errors import cli_verb
 from deepsail.eval.cli import eval_command
 from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
-from deepsail.model.upcycle import upcycle_command
 from deepsail.parallel.plan import plan_command
 from deepsail.run import run
-from deepsail.train.hpo import hpo_command
 from deepsail.serve.cli import serve_command
+from deepsail.train.hpo import hpo_command
 from deepsail.train.pretrain import pretrain_command
+from deepsail.train.upcycle import upcycle_command
 from deepsail.tune.distill import distill_command
 from deepsail.tune.dpo import dpo_command
 from deepsail.tune.finetune import finetune_command, sft_command
