@@ -18,7 +18,7 @@ import bisect
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -173,6 +173,64 @@ class PackedLoader:
             raise ValueError(f"loader state step={state['step']} is outside [0, {self.batches_per_epoch})")
         self.epoch, self.step, self.seed = state["epoch"], state["step"], state["seed"]
         self._order_epoch = -1  # the seed may differ: redraw the order
+
+
+class SegmentLoader:
+    """Endless (x, y) batches that read the stream in order, for segment memory (model/memory.py): row b of every
+    batch is the next `seq_len` tokens of lane b, lane b being the b-th of `batch_size` equal contiguous stretches
+    of this rank's part of the stream (Transformer-XL's batchify). Documents therefore arrive whole and in order,
+    segment after segment. `memory` (a SegmentMemory, set by the trainer) is saved and restored with the position,
+    so a resumed run continues with the memory it had, and is reset whenever the lanes wrap to their start."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 8,
+        seq_len: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        self.stream = TokenStream(data_dir, split)
+        self.batch_size, self.seq_len, self.world_size, self.device = batch_size, seq_len, world_size, device
+        per_rank = self.stream.n_tokens // world_size
+        self.lane = per_rank // batch_size
+        self.batches_per_epoch = (self.lane - 1) // seq_len
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"split {split!r} of {str(data_dir)!r} has {self.stream.n_tokens:,} tokens: too few for "
+                f"{batch_size} lanes x {world_size} ranks of at least seq_len + 1 = {seq_len + 1}; lower batch_size"
+            )
+        self.starts = np.arange(batch_size) * self.lane + rank * per_rank
+        self.epoch, self.step = 0, 0
+        self.memory: Any = None
+
+    def __iter__(self) -> SegmentLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step == 0 and self.memory is not None:
+            self.memory.reset()  # the lanes start over: nothing before this segment
+        batch = self.stream.windows(self.starts + self.step * self.seq_len, self.seq_len, self.device)
+        self.step += 1
+        if self.step == self.batches_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        memory = self.memory.state_dict() if self.memory is not None else None
+        return {"epoch": self.epoch, "step": self.step, "lane": self.lane, "memory": memory}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["lane"] != self.lane:
+            raise ValueError(
+                f"loader state was saved with lanes of {state['lane']} tokens but this loader's are {self.lane}; "
+                "an exact resume needs the same data and batch geometry"
+            )
+        self.epoch, self.step = state["epoch"], state["step"]
+        if self.memory is not None and state.get("memory") is not None:
+            self.memory.load_state_dict(state["memory"])
 
 
 def eval_batches(

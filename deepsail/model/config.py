@@ -72,6 +72,11 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.3
 
+    # Transformer-XL segment memory (model/memory.py): a training run reads each document in order, segment by
+    # segment, attending to the previous segments' last `segment_memory` keys/values. 0 = off. It adds no weights:
+    # HF loads such a model as is (it attends within its input only).
+    segment_memory: int = 0
+
     # --- deepsail's own architecture options (off by default: HF parity untouched). A checkpoint using one is written
     # with model_type "deepsail" (hf.py), which transformers refuses by name instead of loading it wrong.
     # Gated attention (Qiu et al. 2025): each head's output times sigmoid(x W_g) of the layer input, before o_proj:
@@ -192,6 +197,8 @@ class ModelConfig:
                 bad("moe_layer_freq", "must be positive")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
+        if self.segment_memory < 0:
+            bad("segment_memory", "must be >= 0 (0 = off)")
         if self.attn_gate not in ATTN_GATES:
             bad("attn_gate", f"must be one of {', '.join(ATTN_GATES)}")
 

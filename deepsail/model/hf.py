@@ -202,7 +202,8 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 
 def deepsail_section(config: ModelConfig) -> dict[str, Any]:
     """config.json's "deepsail" section: the fields HF has no key for (read back by `read_config`)."""
-    return {"mtp_loss_weight": config.mtp_loss_weight, **config.options}
+    extra = {"segment_memory": config.segment_memory} if config.segment_memory else {}
+    return {"mtp_loss_weight": config.mtp_loss_weight, **extra, **config.options}
 
 
 def _read_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -43,6 +43,18 @@ def next_token_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Ten
     return {k: v for k, v in parts.items() if v is not None}
 
 
+def memory_loss(memory: Any) -> Any:
+    """next_token_loss with segment memory: each batch is the next segment of the same streams (SegmentLoader)."""
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x_BT, y_BT = batch
+        out = memory.forward(model, x_BT, labels=y_BT)
+        parts = {"loss": out.loss, "lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+        return {k: v for k, v in parts.items() if v is not None}
+
+    return loss_fn
+
+
 def pretrain(
     cfg: TrainConfig,
     *,
@@ -113,6 +125,16 @@ def _pretrain(
             )
             mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
         model = Transformer(mcfg)
+    loss_fn = next_token_loss
+    if model.config.segment_memory:  # Transformer-XL: documents in order, each segment attending to the last ones
+        from deepsail.data.loader import SegmentLoader
+        from deepsail.model.memory import SegmentMemory
+
+        if mesh is not None:
+            raise ValueError("segment_memory under torchrun is not supported yet; train it in one process.")
+        loader = SegmentLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, device=device)
+        loader.memory = SegmentMemory(model.config.segment_memory)
+        loss_fn = memory_loss(loader.memory)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(
             f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
@@ -140,7 +162,7 @@ def _pretrain(
     return train_loop(
         model,
         loader,
-        next_token_loss,
+        loss_fn,
         cfg,
         evaluate=validation,
         flops_per_token=model.flops_per_token(cfg.seq_len),
