@@ -88,17 +88,25 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=o_bias)
         self.gate = make_gate(config, self.head_dim)
 
-    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def write_kv(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys (rotated) and values [B, kv_heads, T, d] of the tokens, written to the cache if any: a
+        token that skips the rest of the layer (early exit, model/depth.py) still leaves what later tokens read."""
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin, self.interleave), apply_rope(k, ctx.cos, ctx.sin, self.interleave)
-        gqa = self.n_kv != self.n_heads
+        k = apply_rope(k, ctx.cos, ctx.sin, self.interleave)
         if ctx.cache is not None:
             pool = ctx.cache.pool
             ctx.write(pool.k[self.layer_idx], k.transpose(1, 2))
             ctx.write(pool.v[self.layer_idx], v.transpose(1, 2))
+        return k, v
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, ctx.cos, ctx.sin, self.interleave)
+        k, v = self.write_kv(x_BTD, ctx)
+        gqa = self.n_kv != self.n_heads
         if ctx.fresh:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
@@ -137,18 +145,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.v_dim, d, bias=bias)
         self.gate = make_gate(config, self.v_dim)
 
+    def write_kv(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """What the cache keeps per token, [B, T, r + rope]: the normed latent and the rotated shared rope key,
+        written to the cache if any (also for a token that skips the rest of the layer: model/depth.py)."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope[:, None], ctx.cos, ctx.sin, self.interleave)[:, 0]
+        entries = torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1)
+        if ctx.cache is not None:
+            ctx.write(ctx.cache.pool.k[self.layer_idx], entries)
+        return entries
+
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, r = self.n_heads, self.kv_lora_rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora_rank else self.q_proj(x_BTD)
         q_nope, q_rope = q.view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([r, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
         q_rope = apply_rope(q_rope, ctx.cos, ctx.sin, self.interleave)
-        k_rope = apply_rope(k_rope[:, None], ctx.cos, ctx.sin, self.interleave)  # [B, 1, T, rope]
-        entries = torch.cat((c_kv, k_rope[:, 0]), dim=-1)  # what the cache keeps per token: [B, T, r + rope]
-        if ctx.cache is not None:
-            ctx.write(ctx.cache.pool.k[self.layer_idx], entries)
+        entries = self.write_kv(x_BTD, ctx)
+        c_kv, k_rope = entries[..., :r], entries[..., r:][:, None]  # [B, T, r], [B, 1, T, rope]
 
         if ctx.fresh:  # expanded path: per-head keys/values from the latent of the new tokens
             k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.v_dim], -1)
