@@ -18,6 +18,7 @@ DEBUG_PRESETS = sorted(name for name in PRESETS if name.endswith("-debug"))
 OPTIONS = [
     ("deepseek-v3-debug", dict(attn_gate="elementwise")),
     ("llama-3-8b-debug", dict(attn_gate="headwise")),
+    ("deepseek-v3-debug", dict(mod_capacity=0.5)),  # Mixture-of-Depths (depth.py); causal routing at inference
 ]
 RUNNER = [(name, {}) for name in DEBUG_PRESETS] + OPTIONS
 

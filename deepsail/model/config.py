@@ -77,6 +77,15 @@ class ModelConfig:
     # HF loads such a model as is (it attends within its input only).
     segment_memory: int = 0
 
+    # Dynamic depth (model/depth.py). Mixture-of-Depths (Raposo et al. 2024): every `mod_every`-th block has a
+    # router; in training only the top `mod_capacity` fraction of each sequence's tokens get the block's update (and
+    # its MLP), the rest ride the residual stream. 0 = off. LayerSkip-style early exit (Elhoushi et al. 2024): with
+    # `exit_loss_weight` > 0 the shared head is also trained on the upper half's intermediate layers, so inference
+    # can stop at the first layer confident enough.
+    mod_capacity: float = 0.0
+    mod_every: int = 2
+    exit_loss_weight: float = 0.0
+
     # --- deepsail's own architecture options (off by default: HF parity untouched). A checkpoint using one is written
     # with model_type "deepsail" (hf.py), which transformers refuses by name instead of loading it wrong.
     # Gated attention (Qiu et al. 2025): each head's output times sigmoid(x W_g) of the layer input, before o_proj:
@@ -199,6 +208,12 @@ class ModelConfig:
             bad("num_nextn_predict_layers", "must be >= 0")
         if self.segment_memory < 0:
             bad("segment_memory", "must be >= 0 (0 = off)")
+        if not 0 <= self.mod_capacity < 1:
+            bad("mod_capacity", "must be in [0, 1): the fraction of tokens a routed block processes (0 = off)")
+        if self.mod_every < 1:
+            bad("mod_every", "must be >= 1")
+        if self.exit_loss_weight < 0:
+            bad("exit_loss_weight", "must be >= 0")
         if self.attn_gate not in ATTN_GATES:
             bad("attn_gate", f"must be one of {', '.join(ATTN_GATES)}")
 
@@ -325,3 +340,4 @@ def config_from_seed(
 
 # deepsail-only fields and their "off" values: a config with all of them off is plain HF.
 OPTION_DEFAULTS: dict[str, Any] = {"attn_gate": "none"}
+OPTION_DEFAULTS.update(mod_capacity=0.0, mod_every=2)

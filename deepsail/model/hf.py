@@ -202,7 +202,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 
 def deepsail_section(config: ModelConfig) -> dict[str, Any]:
     """config.json's "deepsail" section: the fields HF has no key for (read back by `read_config`)."""
-    extra = {"segment_memory": config.segment_memory} if config.segment_memory else {}
+    extra = {k: getattr(config, k) for k in ("segment_memory", "exit_loss_weight") if getattr(config, k)}
     return {"mtp_loss_weight": config.mtp_loss_weight, **extra, **config.options}
 
 

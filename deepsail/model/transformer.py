@@ -17,6 +17,7 @@ from torch import nn
 from deepsail.model.attention import AttentionContext, GroupedQueryAttention, MultiHeadLatentAttention
 from deepsail.model.cache import KVCache, new_cache
 from deepsail.model.config import ModelConfig, config_from_seed
+from deepsail.model.depth import DepthRouter, exit_layers, exit_loss, routes
 from deepsail.model.hf import HFCheckpoint
 from deepsail.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from deepsail.model.loss import IGNORE_INDEX, linear_cross_entropy
@@ -44,8 +45,11 @@ class Block(nn.Module):
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.router = DepthRouter(config) if routes(config, layer_idx) else None  # Mixture-of-Depths (depth.py)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.router is not None:
+            return self.router(self, x, ctx)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -144,8 +148,12 @@ class Transformer(HFCheckpoint, nn.Module):
             ctx = self._past_context(B, T, past, attention_mask)
         else:
             ctx = self.attention_context(B, T, input_ids.device, cache, input_lens)
-        for block in self.layers:
+        exits = set(exit_layers(self.config)) if labels is not None and self.config.exit_loss_weight else set()
+        exit_states = []
+        for i, block in enumerate(self.layers):
             x = block(x, ctx)
+            if i in exits:
+                exit_states.append(x)
         hidden = x
         if last_logits_only:
             last = (input_lens - 1) if input_lens is not None else torch.full((B,), T - 1, device=x.device)
@@ -161,7 +169,9 @@ class Transformer(HFCheckpoint, nn.Module):
             if len(self.mtp):
                 out.mtp_loss = self._mtp_loss(hidden, input_ids, labels)
                 out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
-            aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+            if exit_states:  # LayerSkip: the shared head also reads the upper layers (depth.py)
+                out.loss = out.loss + self.config.exit_loss_weight * exit_loss(self, exit_states, labels)
+            aux = [m.aux_loss for m in self.modules() if isinstance(m, (MoE, DepthRouter)) and m.aux_loss is not None]
             if aux and self.training:
                 out.aux_loss = torch.stack(aux).sum()
                 out.loss = out.loss + out.aux_loss
