@@ -221,7 +221,7 @@ def test_generate_endpoint(server):
         ({"prompt": ["fine", "b\udfffc"]}, "prompt.1"),
         ({"prompt": "x", "stop": ["\ud83d"]}, "stop"),
         # fields that would change the answer, refused rather than ignored
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "suffix": "tail"}, "suffix"),
         ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),

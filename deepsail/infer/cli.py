@@ -46,7 +46,7 @@ def _load(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-@options(params=Options(SamplingParams, only=(*SAMPLING, "stop"), defaults=dict(max_tokens=128)))
+@options(params=Options(SamplingParams, only=(*SAMPLING, "stop", "json_schema"), defaults=dict(max_tokens=128)))
 def generate_command(
     path: PathArg,
     params: SamplingParams,

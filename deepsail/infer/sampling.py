@@ -51,6 +51,11 @@ class SamplingParams:
         "ones before it (0 = just that, n = also the top n).",
     )
     ignore_eos: bool = knob(False, "Keep generating past EOS (benchmarks).")
+    json_schema: str | None = knob(
+        None,
+        'Constrain the output to compact JSON valid under this JSON schema (its JSON text; \'{"type": "object"}\' '
+        "= any object). Needs the `structured` extra (llguidance).",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +85,16 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         if any(i < 0 for i in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={list(self.stop_token_ids)}: token ids are >= 0")
+        if self.json_schema is not None:
+            from deepsail.infer.structured import compile_schema
+
+            compile_schema(self.json_schema)  # ValueError naming what is wrong with it
+            # Either would end the text where the grammar has not: the JSON would not parse.
+            if self.stop or self.stop_token_ids or self.ignore_eos:
+                raise ValueError(
+                    "structured output (json_schema / response_format) ends when the JSON is complete: it takes no "
+                    "stop strings, stop_token_ids or ignore_eos"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -153,20 +168,21 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     seen_BV: torch.Tensor | None = None,
+    allowed_BV: torch.Tensor | None = None,
 ) -> Sampled:
     """Next token for every row, each with its own params; `seen_BV` (bool) marks prompt+output tokens for the
-    repetition penalty and is only read when some row has one."""
+    repetition penalty and is only read when some row has one; `allowed_BV` (bool), where given, is the only tokens
+    a row may take (structured output's grammar mask)."""
     device = logits_BV.device
     logits = logits_BV.float()
-    out = Sampled(token_ids=logits.argmax(-1))  # overwritten below where a penalty or sampling applies
-
     want = [p.logprobs for p in params if p.logprobs is not None]
-    if want:
-        raw = logits.log_softmax(-1)
-        n = max(want)
-        if n:
-            out.top_logprobs, out.top_ids = raw.topk(n, dim=-1)
-        # chosen-token logprobs are gathered at the end, once the tokens are known
+    raw = logits.log_softmax(-1) if want else None  # before the grammar mask: logprobs are the model's own
+    if allowed_BV is not None:
+        logits = logits.masked_fill(~allowed_BV, float("-inf"))
+    out = Sampled(token_ids=logits.argmax(-1))  # overwritten below where a penalty or sampling applies
+    if want and max(want):
+        out.top_logprobs, out.top_ids = raw.topk(max(want), dim=-1)
+    # chosen-token logprobs are gathered at the end, once the tokens are known
     penalty = [p.repetition_penalty for p in params]
     if any(x != 1.0 for x in penalty):
         assert seen_BV is not None, "repetition_penalty needs the seen-token mask"
@@ -305,6 +321,13 @@ class DecodeState:
         self.generator = None if self.params.greedy else self.params.make_generator()
         self.stops = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else set(self.eos_ids))
         self._seen: torch.Tensor | None = None
+        self.grammar = None  # structured output: the request's position in its JSON grammar (infer/structured.py)
+        if self.params.json_schema is not None:
+            from deepsail.infer.structured import Grammar
+
+            if self.tokenizer is None:
+                raise ValueError("structured output needs a tokenizer: the grammar is over the tokens' bytes")
+            self.grammar = Grammar(self.params.json_schema, self.tokenizer, self.stops)
 
     @property
     def text(self) -> str:
@@ -337,8 +360,12 @@ class DecodeState:
             delta = self.text_tracker.flush()
         else:
             delta, hit = self.text_tracker.add(token_id)
+            if self.grammar is not None:
+                self.grammar.consume(token_id)
+                hit = self.grammar.complete  # the JSON is closed: nothing may follow
             if hit:
                 self.finish_reason = FINISH_STOP
+                delta += self.text_tracker.flush() if self.grammar is not None else ""
             elif len(self.output_ids) >= self.params.max_tokens:
                 self.finish_reason = FINISH_LENGTH
                 delta += self.text_tracker.flush()
@@ -353,7 +380,12 @@ def sample_states(logits_BV: torch.Tensor, states: Sequence[DecodeState]) -> lis
     if any(p.repetition_penalty != 1.0 for p in params):
         V, dev = logits_BV.shape[1], logits_BV.device
         seen = torch.stack([s.seen(V, dev) for s in states])
-    out = sample(logits_BV, params, [s.generator for s in states], seen)
+    allowed = None
+    if any(s.grammar is not None for s in states):
+        from deepsail.infer.structured import allowed_tokens
+
+        allowed = allowed_tokens([s.grammar for s in states], logits_BV.shape[1], logits_BV.device)
+    out = sample(logits_BV, params, [s.generator for s in states], seen, allowed)
     tokens = out.token_ids.tolist()
     lps = out.logprobs.tolist() if out.logprobs is not None else None
     top_ids = out.top_ids.tolist() if out.top_ids is not None else None

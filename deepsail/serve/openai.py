@@ -19,6 +19,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 
 from deepsail.infer.sampling import SamplingParams
+from deepsail.infer.structured import compile_schema
 from deepsail.serve import protocol as P
 from deepsail.serve.metrics import ServerMetrics
 from deepsail.serve.protocol import APIError
@@ -36,6 +37,11 @@ MAX_CHOICES = 64  # prompts × n per request: each choice is a separate sequence
 def sampling_params(
     req: P.SamplingFields, max_tokens: int, logprobs: int | None, seed_offset: int, prompt_logprobs: int | None = None
 ) -> SamplingParams:
+    if req.json_schema is not None:
+        try:
+            compile_schema(req.json_schema)  # cached: the n choices and a client's repeated schema compile once
+        except ValueError as e:
+            raise APIError(400, f"response_format: {e}", param="response_format") from e
     try:
         return SamplingParams(
             prompt_logprobs=prompt_logprobs,
@@ -49,6 +55,7 @@ def sampling_params(
             stop_token_ids=req.stop_token_ids or (),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            json_schema=req.json_schema,
             # n choices with one seed must still differ from each other, and each stay reproducible.
             seed=None if req.seed is None else (req.seed + seed_offset) % (P.MAX_SEED + 1),
         )

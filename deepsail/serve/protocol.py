@@ -5,17 +5,21 @@ the checks that need the model (its name, context length, vocabulary) are in `op
 OpenAI's are: `"max_tokens": "4"` or `true` is an error, not a 4 or a 1. Every text field must be valid Unicode (a
 lone surrogate such as "\\ud800" is valid JSON but no text a tokenizer can read). Unknown fields are ignored, as vLLM
 and OpenAI's own server do for forward compatibility, but fields that would change the answer and that we do not
-implement (`response_format`, `tools`, `logit_bias`, penalties other than `repetition_penalty`, `best_of`) are
-refused when set to anything but their no-op value: a client that relies on them should find out.
+implement (`tools`, `logit_bias`, penalties other than `repetition_penalty`, `best_of`) are refused when set to
+anything but their no-op value: a client that relies on them should find out. `response_format` takes "text",
+"json_object" and "json_schema" (structured output, infer/structured.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deepsail.infer.structured import JSON_OBJECT
 
 # Bounds that keep one request from asking for unbounded work. The context length bounds max_tokens further.
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
@@ -74,7 +78,12 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='{"type": "text"} (default), {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name": ..., "schema": {...}}}: the output is compact JSON valid under the schema, unless finish_reason '
+        'is "length" (max_tokens ran out first: then it is a valid prefix)',
+    )
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -92,13 +101,28 @@ class SamplingFields(_Body):
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value is not None and value.get("type") != "text":
+    def _response_format(cls, value: dict | None) -> dict | None:
+        kind = None if value is None else value.get("type")
+        if value is None or kind in ("text", "json_object"):
+            return value
+        if kind != "json_schema":
+            raise ValueError(f'type {kind!r} is not supported: use "text", "json_object" or "json_schema"')
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise ValueError(
-                f'type {value.get("type")!r} is not supported yet: only "text" (structured output would '
-                "be silently ignored otherwise)"
+                'json_schema needs its schema: {"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}'
             )
         return value
+
+    @property
+    def json_schema(self) -> str | None:
+        """The JSON schema text that `response_format` asks the output to follow (None: free text)."""
+        kind = None if self.response_format is None else self.response_format["type"]
+        if kind == "json_object":
+            return JSON_OBJECT
+        if kind == "json_schema":
+            return json.dumps(self.response_format["json_schema"]["schema"])
+        return None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
