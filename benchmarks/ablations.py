@@ -10,6 +10,9 @@ only the option differs (`--arch`, a trainer flag, or a pipeline). Val bpb is ov
 - gate-headwise     --arch attn_gate=headwise      (one sigmoid gate per head, Qiu et al. 2025)
 - gate-elementwise  --arch attn_gate=elementwise   (one gate per output channel)
 - dropout           --dropout 0.1 --dropout-end 0  (residual dropout, scheduled down)
+- mod               --arch mod_capacity=0.5        (Mixture-of-Depths: half the tokens through every 2nd block)
+- exit-loss         --arch exit_loss_weight=0.3    (LayerSkip's early-exit loss; see early_exit.py for the speed)
+- memory            --arch segment_memory=256      (Transformer-XL: documents in order, 256 tokens of memory)
 - dense             deepseek-v3-mini-dense: every MLP as wide as a token's active experts (same active params)
 - upcycled          the dense model for half the time, `deepsail upcycle` (8 experts, top-2, 1 shared), then
                     MoE for the other half: equal total wall clock with the MoE trained from scratch (baseline)
@@ -36,6 +39,9 @@ VARIANTS = {
     "gate-headwise": {"arch": ("attn_gate=headwise",)},
     "gate-elementwise": {"arch": ("attn_gate=elementwise",)},
     "dropout": {"dropout": 0.1, "dropout_end": 0.0},
+    "mod": {"arch": ("mod_capacity=0.5",)},
+    "exit-loss": {"arch": ("exit_loss_weight=0.3",)},
+    "memory": {"arch": ("segment_memory=256",)},
     "dense": {"model_preset": "deepseek-v3-mini-dense"},
     "upcycled": "pipeline",
 }
