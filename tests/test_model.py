@@ -19,6 +19,8 @@ OPTIONS = [
     ("deepseek-v3-debug", dict(attn_gate="elementwise")),
     ("llama-3-8b-debug", dict(attn_gate="headwise")),
     ("deepseek-v3-debug", dict(mod_capacity=0.5)),  # Mixture-of-Depths (depth.py); causal routing at inference
+    ("deepseek-v3-debug", dict(sparse_attention="hybrid", sliding_window=2, compress_block=2, select_block=2)),
+    ("llama-3-8b-debug", dict(sparse_attention="hybrid", sliding_window=3, compress_block=1, select_block=2)),
 ]
 RUNNER = [(name, {}) for name in DEBUG_PRESETS] + OPTIONS
 

@@ -17,6 +17,7 @@ from torch import nn
 from deepsail.model.cache import KVCache
 from deepsail.model.config import ModelConfig
 from deepsail.model.layers import Linear, RMSNorm, apply_rope
+from deepsail.model.sparse_attention import make_sparse
 
 
 class AttentionGate(nn.Module):
@@ -87,6 +88,7 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=o_bias)
         self.gate = make_gate(config, self.head_dim)
+        self.sparse = make_sparse(config)
 
     def write_kv(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys (rotated) and values [B, kv_heads, T, d] of the tokens, written to the cache if any: a
@@ -107,7 +109,14 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rope(q, ctx.cos, ctx.sin, self.interleave)
         k, v = self.write_kv(x_BTD, ctx)
         gqa = self.n_kv != self.n_heads
-        if ctx.fresh:
+        if self.sparse is not None:  # hybrid sparse attention over every key so far (sparse_attention.py)
+            if not ctx.fresh:
+                k, v = (
+                    e.transpose(1, 2).to(q.dtype)
+                    for e in ctx.history(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
+                )
+            out = self.sparse(x_BTD, q, k, v, ctx, self.scale)
+        elif ctx.fresh:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
             k, v = (
@@ -144,6 +153,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, d, bias=bias)
         self.gate = make_gate(config, self.v_dim)
+        self.sparse = make_sparse(config)
 
     def write_kv(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """What the cache keeps per token, [B, T, r + rope]: the normed latent and the rotated shared rope key,
@@ -164,7 +174,7 @@ class MultiHeadLatentAttention(nn.Module):
         entries = self.write_kv(x_BTD, ctx)
         c_kv, k_rope = entries[..., :r], entries[..., r:][:, None]  # [B, T, r], [B, 1, T, rope]
 
-        if ctx.fresh:  # expanded path: per-head keys/values from the latent of the new tokens
+        if ctx.fresh and self.sparse is None:  # expanded path: per-head keys/values from the latent of the new tokens
             k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).transpose(1, 2).split([self.nope_dim, self.v_dim], -1)
             q = torch.cat((q_nope, q_rope), dim=-1)
             k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope_dim)), dim=-1)
@@ -175,7 +185,8 @@ class MultiHeadLatentAttention(nn.Module):
                 q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True, scale=self.scale
             )[..., : self.v_dim]
         else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
-            (latent,) = ctx.history(self.layer_idx, entries)  # [B, L, r + rope]
+            # (hybrid sparse attention always takes this path: one latent key head shared by all query heads)
+            (latent,) = (entries,) if ctx.fresh else ctx.history(self.layer_idx, entries)  # [B, L, r + rope]
             latent = latent.to(q.dtype)
             w = self.kv_b_proj.effective_weight()  # [H·(nope+v), r], or [B, H·(nope+v), r] with per-row adapters
             w_kv_b = w.view(*w.shape[:-2], H, self.nope_dim + self.v_dim, r).to(q.dtype)
@@ -185,9 +196,12 @@ class MultiHeadLatentAttention(nn.Module):
             key = latent[:, None]
             # Values are the latents c_kv: pass the whole cache row as value (same head dim as the key, so the fused
             # kernel runs) and drop the rope columns of the output.
-            out_latent = F.scaled_dot_product_attention(
-                query, key, key, attn_mask=ctx.mask, scale=self.scale, enable_gqa=True
-            )[..., :r]
+            if self.sparse is not None:
+                out_latent = self.sparse(x_BTD, query, key, None, ctx, self.scale, v_dim=r)
+            else:
+                out_latent = F.scaled_dot_product_attention(
+                    query, key, key, attn_mask=ctx.mask, scale=self.scale, enable_gqa=True
+                )[..., :r]
             out = out_latent @ w_kv_b[..., self.nope_dim :, :].transpose(-1, -2)  # [B, H, T, v]
         if self.gate is not None:
             out = self.gate(x_BTD, out)

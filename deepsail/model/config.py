@@ -20,6 +20,7 @@ MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 ROPE_TYPES = ("default", "yarn", "llama3")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 ATTN_GATES = ("none", "headwise", "elementwise")
+SPARSE_ATTENTIONS = ("none", "hybrid")
 
 
 @dataclass
@@ -91,6 +92,14 @@ class ModelConfig:
     # Gated attention (Qiu et al. 2025): each head's output times sigmoid(x W_g) of the layer input, before o_proj:
     # one gate per head ("headwise") or per output channel ("elementwise").
     attn_gate: str = "none"
+    # Hybrid sparse attention (NSA, arXiv 2502.11089; model/sparse_attention.py): per-head sigmoid gates mix a
+    # sliding window of `sliding_window` keys, attention over `compress_block`-token pooled blocks, and attention
+    # over the `select_top_k` `select_block`-token blocks those compressed scores rank highest.
+    sparse_attention: str = "none"
+    sliding_window: int = 256
+    compress_block: int = 32
+    select_block: int = 64
+    select_top_k: int = 4
 
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -216,6 +225,17 @@ class ModelConfig:
             bad("exit_loss_weight", "must be >= 0")
         if self.attn_gate not in ATTN_GATES:
             bad("attn_gate", f"must be one of {', '.join(ATTN_GATES)}")
+        if self.sparse_attention not in SPARSE_ATTENTIONS:
+            bad("sparse_attention", f"must be one of {', '.join(SPARSE_ATTENTIONS)}")
+        for name in ("sliding_window", "compress_block", "select_block", "select_top_k"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be positive")
+        if self.select_block % self.compress_block:
+            bad(
+                "select_block",
+                f"must be a multiple of compress_block={self.compress_block}: a selected block's "
+                "score is the sum of its compressed blocks' attention",
+            )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -341,3 +361,4 @@ def config_from_seed(
 # deepsail-only fields and their "off" values: a config with all of them off is plain HF.
 OPTION_DEFAULTS: dict[str, Any] = {"attn_gate": "none"}
 OPTION_DEFAULTS.update(mod_capacity=0.0, mod_every=2)
+OPTION_DEFAULTS.update(sparse_attention="none", sliding_window=256, compress_block=32, select_block=64, select_top_k=4)

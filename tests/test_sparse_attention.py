@@ -1,0 +1,143 @@
+"""Hybrid sparse attention (model/sparse_attention.py): the vectorised branches against a per-query reference,
+causality of the whole model, cached and stateless decode, training, saving, and the config errors.
+(The generic runner in test_model.py covers forward/cache/batch/bf16 for it too.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deepsail as ds
+from deepsail.model import ModelConfig, Transformer
+from deepsail.model.attention import AttentionContext
+from deepsail.model.sparse_attention import HybridSparseAttention
+
+# small numbers so ~20 tokens exercise every branch: several compressed blocks, candidates outside the window
+HYBRID = dict(sparse_attention="hybrid", sliding_window=3, compress_block=2, select_block=4, select_top_k=2)
+
+
+def _reference(mod: HybridSparseAttention, x, q, k, v, scale):
+    """The definition, one query at a time: window (p-W, p], complete pooled blocks + a zero sink, and the top-k
+    complete blocks starting at or before p-W by summed compressed weight, + a zero sink; mixed by the gates."""
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    Hg, W, c, S = H // G, mod.window, mod.compress, mod.select
+    w_k, w_v = mod.pool_logits.softmax(-1)
+    gates = torch.sigmoid(mod.gate_proj(x)).view(B, T, H, 3)
+    out = torch.zeros(B, H, T, v.shape[-1])
+
+    def attend(qv, keys, vals, sink=True):  # softmax over keys (plus a zero-logit, zero-value sink)
+        logits = torch.cat((keys @ qv * scale, torch.zeros(int(sink))))
+        return logits.softmax(0)[: len(keys)] @ vals
+
+    for b in range(B):
+        for g in range(G):
+            for p in range(T):
+                n_c = (p + 1) // c
+                kc = torch.stack([w_k @ k[b, g, i * c : (i + 1) * c] for i in range(n_c)]) if n_c else k[b, g, :0]
+                vc = torch.stack([w_v @ v[b, g, i * c : (i + 1) * c] for i in range(n_c)]) if n_c else v[b, g, :0]
+                heads = range(g * Hg, (g + 1) * Hg)
+                probs = [torch.cat((kc @ q[b, h, p] * scale, torch.zeros(1))).softmax(0)[:-1] for h in heads]
+                score = sum(probs)
+                cands = [i for i in range(T // S) if i * S <= p - W and (i + 1) * S <= p + 1]
+                ranked = sorted(cands, key=lambda i: -float(score[i * S // c : (i + 1) * S // c].sum()))
+                sel = sorted(ranked[: mod.top_k])
+                keys = torch.tensor([j for i in sel for j in range(i * S, (i + 1) * S)], dtype=torch.long)
+                lo = max(0, p - W + 1)
+                for h, pr in zip(heads, probs):
+                    win = attend(q[b, h, p], k[b, g, lo : p + 1], v[b, g, lo : p + 1], sink=False)
+                    cmp = pr @ vc if n_c else torch.zeros(v.shape[-1])
+                    slc = attend(q[b, h, p], k[b, g, keys], v[b, g, keys])
+                    out[b, h, p] = gates[b, p, h] @ torch.stack((win, cmp, slc))
+    return out
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_branches_match_a_per_query_reference(G):
+    """The blocked window, chunked compressed attention and tiled selection equal the definition (fresh path), and
+    gradients reach the queries, keys, values, gates and pooling weights."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("llama-3-8b-debug").replace(**HYBRID)
+    mod = HybridSparseAttention(cfg, n_heads=4)
+    torch.nn.init.normal_(mod.pool_logits, std=0.5)
+    B, T, D = 2, 21, 8
+    x = torch.randn(B, T, cfg.hidden_size)
+    q = torch.randn(B, 4, T, D, requires_grad=True)
+    k = torch.randn(B, G, T, D, requires_grad=True)
+    v = torch.randn(B, G, T, D, requires_grad=True)
+    cos = torch.ones(1, 1, T, D // 2)
+    got = mod(x, q, k, v, AttentionContext(cos, cos), scale=0.7)
+    with torch.no_grad():
+        want = _reference(mod, x, q, k, v, 0.7)
+    assert (got - want).abs().max() < 1e-5
+    got.square().sum().backward()
+    for t in (q, k, v, mod.gate_proj.weight, mod.pool_logits):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3-debug", "llama-3-8b-debug"])
+def test_hybrid_model_is_causal_and_decodes_like_the_full_forward(name):
+    """Changing tokens after position t changes no logit at or before t (selection included), and prefill +
+    continued prefill + 1-token decode through the paged cache, and the stateless past, equal the full forward."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(name).replace(**HYBRID)).eval()
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        for t in (5, 13):
+            other = ids.clone()
+            other[:, t + 1 :] = torch.randint(0, V, (2, 23 - t))
+            assert (model(other).logits[:, : t + 1] - full[:, : t + 1]).abs().max() < 1e-6
+        cache = model.new_cache(2, 32, block_size=4)
+        steps = [model(ids[:, :9], cache=cache).logits, model(ids[:, 9:17], cache=cache).logits]
+        steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(17, 24)]
+        assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+        out = model(ids[:, :10], past=model.new_past(2))
+        last = model(ids[:, 10:], past=out.present).logits
+        assert (torch.cat((out.logits, last), 1) - full).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="right-padded"):
+            mask = torch.ones(2, 24, dtype=torch.long)
+            mask[1, :3] = 0
+            model(ids, past=model.new_past(2), attention_mask=mask)
+
+
+def test_hybrid_trains_saves_and_reloads(tmp_path):
+    """A few AdamW steps lower the loss; the checkpoint says model_type "deepsail" (transformers refuses it) and
+    carries the option's numbers, and reloads to the same logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(num_hidden_layers=2, num_nextn_predict_layers=0, **HYBRID)
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, 64, (2, 25), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["model_type"] == "deepsail" and saved["deepsail"]["select_block"] == 4
+    back = ds.from_pretrained(tmp_path / "ckpt").eval()
+    assert back.config.sparse_attention == "hybrid" and back.config.sliding_window == 3
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, back(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(sparse_attention="nsa"), "sparse_attention"),
+        (dict(sparse_attention="hybrid", compress_block=16, select_block=24), "select_block"),
+        (dict(sparse_attention="hybrid", sliding_window=0), "sliding_window"),
+        (dict(sparse_attention="hybrid", select_top_k=0), "select_top_k"),
+    ],
+)
+def test_impossible_hybrid_configs_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
+        ModelConfig.preset("deepseek-v3-debug").replace(**changes)
