@@ -1,0 +1,255 @@
+"""Long context: dense attention vs hybrid sparse attention (`--arch sparse_attention=hybrid`, NSA-style), same model.
+
+    python benchmarks/long_context.py                      # 1k/4k/16k prefill + decode, then the quality runs
+    python benchmarks/long_context.py --skip-quality       # timings only (~5 min on 2 busy cores)
+    python benchmarks/long_context.py --gpu                # on CUDA, + 64k
+
+Timing: one model config (deepseek-v3-mini-dense's width: MLA, 4 heads, hidden 256, dense MLP), built twice with
+the same seed, once with each attention. Per length, the two sides alternate `--repeats` times; each repeat is a
+prefill through the paged cache (as the engine runs it: last-token logits only) and `--decode-steps` 1-token
+decode steps after it. Medians are printed, with the share of each forward spent inside the attention modules
+(forward hooks) so the whole-model ratio can be read against what attention alone gained, and the load average.
+
+Quality: the same preset trained from the same seed on the same batches of the embedded corpus (documents packed
+into `--seq-len`-token windows) for `--steps` steps each, then val bits/byte over the whole validation split.
+
+The table goes to stdout and --out/long_context.md, time vs length (log-log) to --out/long_context.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HYBRID = ("sparse_attention=hybrid",)
+
+
+def build(arch: tuple[str, ...], max_len: int, device: str, dtype):
+    import torch
+
+    from deepsail.model import ModelConfig, Transformer
+
+    cfg = ModelConfig.preset("deepseek-v3-mini-dense").with_overrides(arch)
+    cfg = cfg.replace(max_position_embeddings=max(max_len, cfg.max_position_embeddings), num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    return Transformer(cfg).to(device=device, dtype=dtype).eval()
+
+
+class AttentionClock:
+    """Seconds spent inside the attention modules (forward hooks; CUDA-synchronised on a GPU)."""
+
+    def __init__(self, model, sync) -> None:
+        self.total, self._t0, self.sync = 0.0, 0.0, sync
+        for block in model.layers:
+            block.self_attn.register_forward_pre_hook(self._start)
+            block.self_attn.register_forward_hook(self._stop)
+
+    def _start(self, *_):
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.sync()
+        self.total += time.perf_counter() - self._t0
+
+
+def time_one(model, clock, length: int, decode_steps: int, sync) -> dict:
+    import torch
+
+    device = model.embed_tokens.weight.device
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+    ids = ids.to(device)
+    cache = model.new_cache(1, length + decode_steps, block_size=64)
+    with torch.no_grad():
+        clock.total = 0.0
+        sync()
+        t0 = time.perf_counter()
+        logits = model(ids, cache=cache, last_logits_only=True).logits
+        sync()
+        prefill, attn = time.perf_counter() - t0, clock.total
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        steps = []
+        for _ in range(decode_steps):
+            t0 = time.perf_counter()
+            tok = model(tok, cache=cache, last_logits_only=True).logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            steps.append(time.perf_counter() - t0)
+    return dict(prefill=prefill, attn_share=attn / prefill, decode=statistics.median(steps))
+
+
+def timings(a, device: str, dtype) -> list[dict]:
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    lengths = a.lengths + ([65536] if a.gpu and 65536 not in a.lengths else [])
+    models = {name: build(arch, max(lengths) + a.decode_steps, device, dtype) for name, arch in SIDES.items()}
+    clocks = {name: AttentionClock(m, sync) for name, m in models.items()}
+    rows = []
+    for length in lengths:
+        runs = {name: [] for name in models}
+        load = os.getloadavg()[0]
+        time_one(models["hybrid"], clocks["hybrid"], min(length, 1024), 2, sync)  # warm-up, untimed
+        time_one(models["dense"], clocks["dense"], min(length, 1024), 2, sync)
+        for _ in range(a.repeats):
+            for name in models:  # alternate: a load spike hits both sides alike
+                runs[name].append(time_one(models[name], clocks[name], length, a.decode_steps, sync))
+        row = dict(length=length, load=(load + os.getloadavg()[0]) / 2)
+        for name, rs in runs.items():
+            for key in ("prefill", "attn_share", "decode"):
+                row[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
+        rows.append(row)
+        print(
+            f"{length:>6} tokens: prefill dense {row['dense_prefill']:.3f}s hybrid {row['hybrid_prefill']:.3f}s "
+            f"({row['dense_prefill'] / row['hybrid_prefill']:.2f}x) | decode dense {1e3 * row['dense_decode']:.1f} "
+            f"hybrid {1e3 * row['hybrid_decode']:.1f} ms/token | load {row['load']:.1f}",
+            flush=True,
+        )
+    return rows
+
+
+SIDES = {"dense": (), "hybrid": HYBRID}
+
+
+def quality(a) -> dict[str, dict]:
+    from rich.console import Console
+
+    from deepsail.data.corpus import default_corpus
+    from deepsail.data.loader import read_manifest
+    from deepsail.data.prepare import prepare
+    from deepsail.data.tokenizer import Tokenizer
+    from deepsail.train.config import TrainConfig
+    from deepsail.train.pretrain import pretrain
+
+    data = a.data_cache / "data"
+    if not (data / "manifest.json").is_file():  # the same tokenizer + shards as benchmarks/ablations.py's
+        Tokenizer.train([d.text for d in default_corpus("train")], vocab_size=4096).save(a.data_cache / "tokenizer")
+        prepare(None, a.data_cache / "tokenizer", data, progress=False)
+    val_windows = read_manifest(data)["splits"]["val"]["tokens"] // (a.seq_len + 1)
+    base = TrainConfig(
+        data=str(data),
+        tokenizer=str(a.data_cache / "tokenizer"),
+        model_preset="deepseek-v3-mini-dense",
+        steps=a.steps,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=min(30, a.steps // 5),
+        eval_every=0,
+        eval_batches=max(1, -(-val_windows // a.batch_size)),
+        log_every=max(1, a.steps // 5),
+        ckpt_every=0,
+        keep_last=1,
+        seed=0,
+    )
+    out = {}
+    for name, arch in SIDES.items():
+        t0 = time.time()
+        arch = (*arch, f"max_position_embeddings={max(1024, a.seq_len)}")
+        result = pretrain(base.replace(arch=arch, out=str(a.out / f"train-{name}")), console=Console(quiet=True))
+        out[name] = dict(bpb=result.val["bpb"], tok_s=result.tok_per_s, minutes=(time.time() - t0) / 60)
+        print(
+            f"{name}: val bpb {out[name]['bpb']:.4f} after {a.steps} steps of {a.batch_size}x{a.seq_len} | "
+            f"{out[name]['tok_s']:,.0f} tok/s | {out[name]['minutes']:.1f} min | load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    return out
+
+
+def write(rows: list[dict], qual: dict[str, dict], a, header: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepsail.files import atomic_path, atomic_write_text
+
+    lines = [
+        header,
+        "",
+        "| tokens | prefill dense | prefill hybrid | speedup | attention share dense / hybrid | decode dense | "
+        "decode hybrid | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['length']:,} | {r['dense_prefill']:.3f} s | {r['hybrid_prefill']:.3f} s | "
+            f"{r['dense_prefill'] / r['hybrid_prefill']:.2f}x | {r['dense_attn_share']:.0%} / "
+            f"{r['hybrid_attn_share']:.0%} | {1e3 * r['dense_decode']:.1f} ms | {1e3 * r['hybrid_decode']:.1f} ms | "
+            f"{r['dense_decode'] / r['hybrid_decode']:.2f}x |"
+        )
+    if qual:
+        lines += [
+            "",
+            f"Quality after {a.steps} steps of {a.batch_size}x{a.seq_len} tokens (embedded corpus, same seed):",
+        ]
+        lines += ["", "| attention | val bpb | train tok/s |", "|---|---|---|"]
+        lines += [f"| {n} | {q['bpb']:.4f} | {q['tok_s']:,.0f} |" for n, q in qual.items()]
+    text = "\n".join(lines)
+    print(text)
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out / "long_context.md", text + "\n")
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = [r["length"] for r in rows]
+    for ax, key, label in ((axes[0], "prefill", "prefill (s)"), (axes[1], "decode", "decode (s/token)")):
+        for name, color in (("dense", "C0"), ("hybrid", "C1")):
+            ax.loglog(x, [r[f"{name}_{key}"] for r in rows], "o-", color=color, label=name, base=2)
+        ax.set(xlabel="context tokens", ylabel=label)
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend()
+    fig.suptitle("Dense vs hybrid sparse attention (deepseek-v3-mini-dense width)")
+    fig.tight_layout()
+    with atomic_path(a.out / "long_context.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 and add 64k")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the free cores)")
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--steps", type=int, default=150, help="training steps per side for the quality comparison")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("runs/long_context"))
+    p.add_argument("--data-cache", type=Path, default=Path("runs/ablations-data"))
+    a = p.parse_args()
+
+    import torch
+
+    from deepsail.threads import use_free_cores
+    from deepsail.train.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    else:
+        use_free_cores()
+    device = "cuda" if a.gpu else "cpu"
+    dtype = torch.bfloat16 if a.gpu else torch.float32
+    header = (
+        f"{device} ({torch.cuda.get_device_name() if a.gpu else f'{os.cpu_count()} cores'}), "
+        f"{torch.get_num_threads()} threads, {dtype}, torch {torch.__version__} | load {os.getloadavg()} | hybrid: "
+        "window 256, compressed blocks of 32, top-4 selected blocks of 64"
+    )
+    print(header, flush=True)
+    rows = [] if a.skip_timing else timings(a, device, dtype)
+    qual = {} if a.skip_quality else quality(a)
+    write(rows, qual, a, header)
+
+
+if __name__ == "__main__":
+    main()
