@@ -3,12 +3,18 @@
     python benchmarks/serve_bench.py                 # deepseek-v3-small (random weights), 1/8/32/128 clients
     python benchmarks/serve_bench.py --quick         # fewer requests, shorter outputs
     python benchmarks/serve_bench.py --threads 1     # on a small or shared CPU (see `deepsail serve --threads`)
+    python benchmarks/serve_bench.py --model runs/mini --speculative 2   # a trained MTP model, 2 drafts per step
 
 What runs:
 1. a random `deepseek-v3-small` model (MTP off) and a small BPE tokenizer are saved to a temp dir;
 2. `deepsail serve` on it, in a subprocess on 127.0.0.1; for each concurrency C, C async httpx clients stream
    /v1/completions (greedy, ignore_eos, so every request is exactly --max-tokens long) until the level's requests
    are done. Per request: TTFT (send -> first chunk) and TPOT ((last chunk - first chunk) / (tokens - 1));
+   with --speculative K (default 1; 0 = off) a second server with `--speculative mtp:K` serves the same levels,
+   alternating with the plain one round by round (--rounds), so a change of load hits both: the speculative
+   column is the median tok/s of its rounds beside the plain median, with the MTP drafts' acceptance. On random
+   weights (the default) drafts are almost never kept, so that column is speculation's overhead; on a trained
+   model (--model DIR, e.g. from `deepsail run`) it is its gain;
 3. the server stops, and the same requests run sequentially through `transformers` `generate` on the same weights
    (what a one-request-at-a-time server would do): the "HF sequential" output tok/s each level is compared with;
 4. batch-1 decode, engine vs HF generate, in this process, beside the memory-bandwidth limit: bytes read per
@@ -50,13 +56,16 @@ PROMPTS = [
 
 
 # --- setup shared with soak.py --------------------------------------------------------------------------------------
-def make_model_dir(folder: Path, preset: str, seed: int = 0) -> Path:
-    """Random weights for `preset` (MTP off: serving does not use it) + a BPE tokenizer, as `deepsail serve` wants."""
+def make_model_dir(folder: Path, preset: str, seed: int = 0, mtp: bool = False) -> Path:
+    """Random weights for `preset` (MTP off unless `mtp`: only speculative serving uses it) + a BPE tokenizer, as
+    `deepsail serve` wants."""
     from deepsail.data import Tokenizer, default_corpus
     from deepsail.model import ModelConfig, Transformer
 
     torch.manual_seed(seed)
-    config = ModelConfig.preset(preset).replace(num_nextn_predict_layers=0)
+    config = ModelConfig.preset(preset)
+    if not mtp:
+        config = config.replace(num_nextn_predict_layers=0)
     Transformer(config).save_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a small corpus may not fill the vocabulary
@@ -113,6 +122,16 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def spec_counters(url: str) -> tuple[float, float]:
+    """(drafted, kept) MTP tokens so far, from a speculative server's /metrics."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        for name in ("draft", "accepted"):
+            if line.startswith(f"deepsail_spec_decode_num_{name}_tokens_total "):
+                out[name] = float(line.split()[1])
+    return out.get("draft", 0.0), out.get("accepted", 0.0)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -277,6 +296,11 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32,128", help="comma-separated concurrency levels")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 64, quick 32)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for server and HF (default: torch's)")
+    ap.add_argument("--model", default=None, help="serve this model folder instead of random --preset weights")
+    ap.add_argument("--speculative", type=int, default=1, help="MTP drafts per step of the speculative column; 0: none")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="alternating plain/speculative rounds (default 3, quick 1)"
+    )
     args = ap.parse_args()
     import transformers
 
@@ -290,33 +314,50 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"torch={torch.__version__} transformers={transformers.__version__} cpu cores={os.cpu_count()} "
-        f"threads={threads} preset={args.preset} max_tokens={max_tokens}"
+        f"threads={threads} model={args.model or args.preset} max_tokens={max_tokens}"
     )
 
+    rounds = args.rounds or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_model_dir(Path(tmp), args.preset)
+        if args.model:
+            from deepsail.train.checkpoint import resolve_checkpoint
+
+            folder = resolve_checkpoint(args.model)  # a run folder: its latest checkpoint, as `deepsail serve` takes
+        else:
+            folder = make_model_dir(Path(tmp), args.preset, mtp=args.speculative > 0)
         tokenizer = Tokenizer.load(folder)
-        server = ServerProcess(
-            folder,
-            "--threads",
-            str(threads),
-            "--max-batch-size",
-            str(max(levels)),
-            "--max-waiting",
-            "4096",
-            log=Path(tmp) / "server.log",
-        )
-        results: list[Level] = []
+        common = ["--threads", str(threads), "--max-batch-size", str(max(levels)), "--max-waiting", "4096"]
+        servers = {"plain": ServerProcess(folder, *common, log=Path(tmp) / "server.log")}
+        if args.speculative:
+            servers["spec"] = ServerProcess(
+                folder, *common, "--speculative", f"mtp:{args.speculative}", log=Path(tmp) / "spec.log"
+            )
+        # results[name][i]: the rounds of level i; acceptance[i]: (drafted, kept) over the level's speculative rounds
+        results: dict[str, list[list[Level]]] = {name: [] for name in servers}
+        acceptance: list[tuple[float, float]] = []
         try:
-            server.wait_ready()
-            asyncio.run(run_level(server.url, 1, 2, 8))  # warm-up
+            for server in servers.values():
+                server.wait_ready()
+                asyncio.run(run_level(server.url, 1, 2, 8))  # warm-up
             for c in levels:
                 n = max(c, 8) if args.quick else max(2 * c, 16)
-                results.append(level := asyncio.run(run_level(server.url, c, n, max_tokens)))
-                print(f"  {c:>4} clients: {n} requests in {level.wall:.1f}s", flush=True)
+                for name in servers:
+                    results[name].append([])
+                before = spec_counters(servers["spec"].url) if "spec" in servers else (0.0, 0.0)
+                for _ in range(rounds):  # alternating: plain, speculative, plain, ...
+                    for name, server in servers.items():
+                        results[name][-1].append(asyncio.run(run_level(server.url, c, n, max_tokens)))
+                after = spec_counters(servers["spec"].url) if "spec" in servers else (0.0, 0.0)
+                acceptance.append((after[0] - before[0], after[1] - before[1]))
+                walls = ", ".join(f"{k} {statistics.median(lv.wall for lv in results[k][-1]):.1f}s" for k in servers)
+                print(
+                    f"  {c:>4} clients: {n} requests x {rounds} rounds; median wall {walls}; load "
+                    f"{os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
         finally:
-            rc = server.stop()
-        print(f"  server stopped (exit {rc})")
+            rcs = [server.stop() for server in servers.values()]
+        print(f"  servers stopped (exit {rcs})")
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         n_hf = 6 if args.quick else 12
@@ -328,35 +369,58 @@ def main() -> None:
         # Batch-1 decode: engine vs HF, and the memory-bandwidth limit at the same context.
         model, _ = load(folder, device="cpu", dtype=torch.float32)
         ids = tokenizer.encode(PROMPTS[0])
-        rounds = 2 if args.quick else 4
-        ours_b1 = engine_decode_tps(model, tokenizer, ids, max_tokens, rounds)
-        hf_b1 = hf_decode_tps(hf, torch.tensor([ids]), max_tokens, rounds)
+        b1_rounds = 2 if args.quick else 4
+        ours_b1 = engine_decode_tps(model, tokenizer, ids, max_tokens, b1_rounds)
+        hf_b1 = hf_decode_tps(hf, torch.tensor([ids]), max_tokens, b1_rounds)
         bw = copy_bandwidth()
         per_token = decode_bytes_per_token(model, len(ids) + max_tokens // 2)
         limit = bw / per_token
 
     print(
-        f"\nserving: {args.preset} ({model.num_params() / 1e6:.1f}M params, {model.num_params(active=True) / 1e6:.1f}M "
+        f"\nserving: {args.model or args.preset} ({model.num_params() / 1e6:.1f}M params, "
+        f"{model.num_params(active=True) / 1e6:.1f}M "
         f"active), greedy, {max_tokens} tokens per request, prompts {min(len(tokenizer.encode(p)) for p in PROMPTS)}-"
         f"{max(len(tokenizer.encode(p)) for p in PROMPTS)} tokens"
     )
+    spec = "spec" in servers
     head = (
         f"{'clients':>7} {'req/s':>7} {'out tok/s':>10} {'HF seq tok/s':>13} {'ratio':>6} {'TTFT p50':>9} "
         f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'errors':>6}"
     )
+    if spec:
+        head += f" {'spec tok/s':>10} {'vs plain':>8} {'accepted':>8} {'spec TPOT p50':>13}"
     print(head)
     print("-" * len(head))
-    for lv in results:
-        tps = lv.tokens / lv.wall
+    for i, rounds_ in enumerate(results["plain"]):
+        tps = statistics.median(r.tokens / r.wall for r in rounds_)
+        ttft = [t for r in rounds_ for t in r.ttft]
+        tpot = [t for r in rounds_ for t in r.tpot]
+        row = (
+            f"{rounds_[0].clients:>7} {statistics.median(len(r.ttft) / r.wall for r in rounds_):>7.2f} {tps:>10.1f} "
+            f"{hf_tps:>13.1f} {tps / hf_tps:>5.2f}x {percentile(ttft, 50) * 1e3:>7.0f}ms "
+            f"{percentile(ttft, 99) * 1e3:>7.0f}ms {percentile(tpot, 50) * 1e3:>7.1f}ms "
+            f"{percentile(tpot, 99) * 1e3:>7.1f}ms {sum(r.errors for r in rounds_):>6}"
+        )
+        if spec:
+            srounds = results["spec"][i]
+            stps = statistics.median(r.tokens / r.wall for r in srounds)
+            drafted, kept = acceptance[i]
+            stpot = [t for r in srounds for t in r.tpot]
+            row += (
+                f" {stps:>10.1f} {stps / tps:>7.2f}x {kept / max(drafted, 1):>8.0%} "
+                f"{percentile(stpot, 50) * 1e3:>11.1f}ms"
+            )
+            row += f" (errors {sum(r.errors for r in srounds)})" if any(r.errors for r in srounds) else ""
+        print(row)
+    if spec:
         print(
-            f"{lv.clients:>7} {len(lv.ttft) / lv.wall:>7.2f} {tps:>10.1f} {hf_tps:>13.1f} {tps / hf_tps:>5.2f}x "
-            f"{percentile(lv.ttft, 50) * 1e3:>7.0f}ms {percentile(lv.ttft, 99) * 1e3:>7.0f}ms "
-            f"{percentile(lv.tpot, 50) * 1e3:>7.1f}ms {percentile(lv.tpot, 99) * 1e3:>7.1f}ms {lv.errors:>6}"
+            f"spec: the same model under --speculative mtp:{args.speculative}, its rounds alternated with plain's; "
+            "accepted = kept / drafted MTP tokens"
         )
     print(f"HF sequential: {n_hf} requests, {hf_rps:.2f} req/s, {hf_tps:.1f} tok/s")
-    at32 = next((lv for lv in results if lv.clients == 32), None)
+    at32 = next((r for r in results["plain"] if r[0].clients == 32), None)
     if at32:
-        r = at32.tokens / at32.wall / hf_tps
+        r = statistics.median(lv.tokens / lv.wall for lv in at32) / hf_tps
         print(f"goal >= 5x HF sequential at 32 clients: {r:.2f}x {'MET' if r >= 5 else 'NOT MET'}")
     print(
         f"\nbatch-1 decode: engine {ours_b1:.1f} tok/s, HF generate {hf_b1:.1f} tok/s, ratio {ours_b1 / hf_b1:.2f}x "

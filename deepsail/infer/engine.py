@@ -51,8 +51,10 @@ from deepsail.infer.sampling import (
     SamplingParams,
     StreamEvent,
     default_stop_ids,
+    probs_of,
     sample_states,
 )
+from deepsail.infer.speculative import accept, check_mtp, draft, mtp_catch_up, mtp_logits, uniforms
 from deepsail.model import KVCache, KVPool, Transformer
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "QueueFull", "RequestHandle", "SamplingParams", "StreamEvent"]
@@ -83,6 +85,10 @@ class EngineConfig:
     # Decode-only steps (every row one token) through one compiled graph (infer/graphs.py): 1.9-2.5x the tok/s of
     # eager on deepseek-v3-small, after a first compile of ~20-40 s on CPU.
     compile_decode: bool = False
+    # MTP self-speculative decoding (infer/speculative.py): each decoding request drafts up to this many tokens per
+    # step with the model's MTP head and verifies them in the step's one forward, greedy or sampled (rejection
+    # sampling keeps the target distribution). 0 = off. Steps then run eager: the MTP needs the hidden states.
+    speculative: int = 0
     recent_samples: int = 1024  # how many recent TTFT / inter-token latencies `stats()` returns
 
 
@@ -206,6 +212,11 @@ class _Request:
         self.blocks: list[int] = []  # block table row
         self.hashes: list[int] = []  # chain hash of each full block computed so far
         self.num_computed = 0  # tokens whose KV entries are in the cache
+        # speculation: tokens drafted for the next step (fed after tokens[-1]) and the distributions they came from
+        self.drafts: list[int] = []
+        self.draft_q: torch.Tensor | None = None  # [len(drafts), V]
+        self.mtp_computed = 0  # positions the MTP module has caught up over (its KV layer holds them)
+        self.drafted = self.accepted = 0
         self.cached_tokens: int | None = None  # prefix-cache hits at first admission (usage.cached_tokens)
         self.last_token_time: float | None = None
 
@@ -225,6 +236,15 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         if cfg.compile_decode:
             enable_compiled_decode(model)
+        if cfg.speculative < 0 or cfg.max_num_batched_tokens < cfg.max_batch_size * (1 + cfg.speculative):
+            raise ValueError(
+                f"speculative={cfg.speculative}: need a draft count >= 0 and max_num_batched_tokens >= "
+                f"max_batch_size x (1 + speculative) = {cfg.max_batch_size * (1 + cfg.speculative)}, got "
+                f"{cfg.max_num_batched_tokens}: every decoding row feeds its token and its drafts"
+            )
+        self.speculative = cfg.speculative
+        if cfg.speculative:
+            check_mtp(model)
         c = model.config
         self.max_model_len = cfg.max_model_len or c.max_position_embeddings
         if self.max_model_len > c.max_position_embeddings:
@@ -239,7 +259,8 @@ class Engine:
             )
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.pool = KVPool(c, self._num_blocks(), cfg.block_size, self.dtype, self.device, include_mtp=False)
+        spec = bool(cfg.speculative)  # the MTP module's KV layer lives in the pool beside the main layers'
+        self.pool = KVPool(c, self._num_blocks(), cfg.block_size, self.dtype, self.device, include_mtp=spec)
         self.allocator = BlockAllocator(self.pool.num_blocks)
         self.eos_ids = default_stop_ids(c, tokenizer)
 
@@ -267,6 +288,8 @@ class Engine:
             ttft_sum=0.0,
             itl_count=0,
             itl_sum=0.0,
+            spec_draft_tokens=0,
+            spec_accepted_tokens=0,
         )
         self._ttft: deque[float] = deque(maxlen=cfg.recent_samples)
         self._itl: deque[float] = deque(maxlen=cfg.recent_samples)
@@ -274,7 +297,7 @@ class Engine:
     def _num_blocks(self) -> int:
         cfg = self.config
         probe = KVPool(
-            self.model.config, 1, cfg.block_size, self.dtype, "meta", include_mtp=False
+            self.model.config, 1, cfg.block_size, self.dtype, "meta", include_mtp=bool(cfg.speculative)
         )  # measures, allocates nothing
         bytes_per_block = probe.bytes_per_token * cfg.block_size
         if cfg.num_blocks is not None:
@@ -443,14 +466,13 @@ class Engine:
         if not batch:
             return False
         self.counters["steps"] += 1
+        fed = [r.tokens[r.num_computed : r.num_computed + n - len(r.drafts)] + r.drafts for r, n in batch]
         T = max(n for _, n in batch)
         width = max(len(r.blocks) for r, _ in batch)
-        ids = [r.tokens[r.num_computed : r.num_computed + n] + [0] * (T - n) for r, n in batch]
-        table = [r.blocks + [-1] * (width - len(r.blocks)) for r, _ in batch]
+        ids = [f + [0] * (T - len(f)) for f in fed]
+        table = torch.tensor([r.blocks + [-1] * (width - len(r.blocks)) for r, _ in batch], device=self.device)
         dev = self.device
-        cache = KVCache(
-            self.pool, torch.tensor(table, device=dev), torch.tensor([r.num_computed for r, _ in batch], device=dev)
-        )
+        cache = KVCache(self.pool, table, torch.tensor([r.num_computed for r, _ in batch], device=dev))
         # Rows that score their prompt (prompt_logprobs) need every position's logits, not just the last: the model
         # hands back its hidden states and only those rows' prompt positions go through the head.
         scoring = [
@@ -459,7 +481,8 @@ class Engine:
         # Rows may use different adapters: each adapted layer adds its rows' low-rank products (lora.AdapterSet).
         rows = self.adapters.select([r.adapter for r, _ in batch], T, dev) if self.adapters else nullcontext()
         feed = torch.tensor([n for _, n in batch], device=dev)
-        if T == 1 and not scoring and not self.adapters:  # a decode-only step: compiled where enabled
+        hidden = None
+        if T == 1 and not scoring and not self.adapters and not self.speculative:  # decode-only: compiled if enabled
             logits = decode_logits(self.model, torch.tensor(ids, device=dev), cache, feed)
         else:
             with rows:
@@ -468,44 +491,159 @@ class Engine:
                     cache=cache,
                     input_lens=feed,
                     last_logits_only=True,
-                    return_hidden=bool(scoring),
+                    return_hidden=bool(scoring) or bool(self.speculative),
                 )
-            logits = out.logits[:, 0]
+            logits, hidden = out.logits[:, 0], out.hidden
             for i in scoring:
                 self._score_prompt(batch[i][0], out.hidden[i, : batch[i][1]])
 
+        # Rows that fed drafts verify them (their accepted tokens, then one more); the others sample one token once
+        # they have seen all of theirs. committed[i]: the fed tokens that stay in the cache.
+        spec = [i for i, (r, _) in enumerate(batch) if r.drafts]
+        emitted: dict[int, list[int]] = self._verify(batch, spec, hidden) if spec else {}
+        committed = [len(emitted[i]) if i in emitted else n for i, (_, n) in enumerate(batch)]
         ready = []
-        for i, (req, n) in enumerate(batch):
-            req.num_computed += n
+        for i, (req, _) in enumerate(batch):
+            req.num_computed += committed[i]
+            if i in emitted:
+                req.drafts, req.draft_q = [], None
+                req.tokens += emitted[i]  # registered below only as far as num_computed reaches
             if self.config.enable_prefix_caching:
                 self._register_full_blocks(req)
-            if req.num_computed == len(req.tokens):  # the last chunk: this row's logits are the next token's
+            if i not in emitted and req.num_computed == len(req.tokens):  # the last chunk: its logits sample next
                 ready.append(i)
-        if not ready:
-            return True
-        events = sample_states(logits[torch.tensor(ready, device=dev)], [batch[i][0].state for i in ready])
+        events: dict[int, list[StreamEvent]] = {}
+        if ready:
+            sampled = sample_states(logits[torch.tensor(ready, device=dev)], [batch[i][0].state for i in ready])
+            for i, event in zip(ready, sampled):
+                batch[i][0].tokens.append(event.token_id)
+                events[i] = [event]
+        for i in spec:
+            state, out_ = batch[i][0].state, []
+            for tok in emitted[i]:
+                out_.append(state.append(tok))
+                if state.done:
+                    break
+            events[i] = out_
+        if self.speculative:
+            self._draft_next(batch, committed, hidden, table)
         now = time.monotonic()
-        for i, event in zip(ready, events):
+        for i, evs in events.items():
             req = batch[i][0]
-            req.tokens.append(event.token_id)
-            self.counters["generation_tokens"] += 1
-            if req.last_token_time is None:
-                event.prompt_logprobs = req.state.prompt_logprobs
-                ttft = now - req.handle.metrics["arrival"]
-                req.handle.metrics["first_token"] = now
-                self._ttft.append(ttft)
-                self.counters["ttft_count"] += 1
-                self.counters["ttft_sum"] += ttft
-            else:
-                self._itl.append(now - req.last_token_time)
-                self.counters["itl_count"] += 1
-                self.counters["itl_sum"] += now - req.last_token_time
-            req.last_token_time = now
-            if event.finish_reason is not None:
-                self._finish(req, event)
-            else:
-                req.handle._push(event)
+            for j, event in enumerate(evs):
+                self._timed(req, event, now, first_of_step=j == 0)
+                if event.finish_reason is not None:
+                    self._finish(req, event)
+                else:
+                    req.handle._push(event)
         return True
+
+    def _timed(self, req: _Request, event: StreamEvent, now: float, first_of_step: bool) -> None:
+        """TTFT / inter-token latency bookkeeping for one token (a step's later tokens arrive 0 s after its first)."""
+        self.counters["generation_tokens"] += 1
+        if req.last_token_time is None:
+            event.prompt_logprobs = req.state.prompt_logprobs
+            ttft = now - req.handle.metrics["arrival"]
+            req.handle.metrics["first_token"] = now
+            self._ttft.append(ttft)
+            self.counters["ttft_count"] += 1
+            self.counters["ttft_sum"] += ttft
+        else:
+            gap = now - req.last_token_time if first_of_step else 0.0
+            self._itl.append(gap)
+            self.counters["itl_count"] += 1
+            self.counters["itl_sum"] += gap
+        req.last_token_time = now
+
+    # --- speculation (EngineConfig.speculative; the pieces are infer/speculative.py's) -------------------------------
+    def _verify(self, batch: list[tuple[_Request, int]], spec: list[int], hidden: torch.Tensor) -> dict[int, list[int]]:
+        """Rows that fed [t_n, d_1..d_k]: the kept drafts and the token after them, by rejection sampling against
+        the main model's distributions at those positions (greedy rows: the plain greedy tokens)."""
+        reqs = [batch[i][0] for i in spec]
+        k = max(len(r.drafts) for r in reqs)
+        dev = self.device
+        k_S = torch.tensor([len(r.drafts) for r in reqs], device=dev)
+        logits = self.model.logits_of(hidden[torch.tensor(spec, device=dev), : k + 1])  # [S, k+1, V]
+        params = [r.state.params for r in reqs for _ in range(k + 1)]
+        P = probs_of(logits.flatten(0, 1), params).view(len(reqs), k + 1, -1)
+        V = P.shape[-1]
+        Q = torch.zeros(len(reqs), k, V, device=dev)
+        D = torch.zeros(len(reqs), k, dtype=torch.long, device=dev)
+        for j, r in enumerate(reqs):
+            Q[j, : len(r.drafts)] = r.draft_q
+            D[j, : len(r.drafts)] = torch.tensor(r.drafts, device=dev)
+        m, nxt = accept(P, Q, D, k_S, uniforms([r.state for r in reqs], k + 1).to(dev))
+        out = {}
+        for i, r, m_, n_ in zip(spec, reqs, m.tolist(), nxt.tolist()):
+            r.drafted += len(r.drafts)
+            r.accepted += m_
+            self.counters["spec_draft_tokens"] += len(r.drafts)
+            self.counters["spec_accepted_tokens"] += m_
+            out[i] = r.drafts[:m_] + [n_]
+        return out
+
+    def _speculates(self, req: _Request) -> bool:
+        """Drafts are verified against whole distributions; a row whose next token also depends on its past output
+        (repetition penalty), a grammar, or that reports logprobs takes one plainly sampled token per step."""
+        p = req.state.params
+        return req.state.grammar is None and p.logprobs is None and p.repetition_penalty == 1.0
+
+    def _draft_next(
+        self, batch: list[tuple[_Request, int]], committed: list[int], hidden: torch.Tensor, table: torch.Tensor
+    ) -> None:
+        """Catch the MTP up over every row's newly committed positions (so its KV layer stays complete, prefix-cached
+        blocks included), then draft the next step's tokens for the decoding rows that may speculate."""
+        dev, B = self.device, len(batch)
+        alive = [not req.state.done for req, _ in batch]  # finished rows are freed after this
+        lens = torch.tensor([c if a else 0 for c, a in zip(committed, alive)], device=dev)
+        if not bool(lens.any()):
+            return
+        T = hidden.shape[1]
+        nxt = torch.zeros(B, T, dtype=torch.long)
+        for b, (req, _) in enumerate(batch):  # position i reads the token at i + 1 (known now: sampled or prompt)
+            if alive[b]:
+                start = req.num_computed - committed[b] + 1
+                nxt[b, : committed[b]] = torch.tensor(req.tokens[start : start + committed[b]])
+        view = KVCache(self.pool, table, torch.tensor([r.mtp_computed for r, _ in batch], device=dev))
+        h = mtp_catch_up(self.model, hidden, nxt.to(dev), view, lens)
+        for b, (req, _) in enumerate(batch):
+            req.mtp_computed += int(lens[b])
+        # Who drafts: decoding rows (prompt done), eligible, with output budget for more than one token and blocks
+        # for the drafts' entries (the verify writes k + 1 of them); too few free blocks -> one plain token instead.
+        k_B = [0] * B
+        for b, (req, _) in enumerate(batch):
+            left = req.state.params.max_tokens - len(req.state.output_ids)
+            if not alive[b] or len(req.tokens) - req.num_computed != 1 or not self._speculates(req) or left < 2:
+                continue
+            k = min(self.speculative, left - 1)
+            need = -(-(req.num_computed + k + 1) // self.config.block_size) - len(req.blocks)
+            if need > self.allocator.num_free:
+                continue
+            req.blocks += [self.allocator.allocate() for _ in range(need)]
+            k_B[b] = k
+        rows = [b for b in range(B) if k_B[b]]
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=dev)
+        last = h[idx, lens[idx] - 1]  # the MTP's state at each row's last committed position
+        width = max(len(batch[b][0].blocks) for b in rows)
+        sub = KVCache(
+            self.pool,
+            torch.tensor([batch[b][0].blocks + [-1] * (width - len(batch[b][0].blocks)) for b in rows], device=dev),
+            torch.tensor([batch[b][0].mtp_computed for b in rows], device=dev),
+        )
+        states = [batch[b][0].state for b in rows]
+        D, Q = draft(
+            self.model,
+            last,
+            mtp_logits(self.model, last),
+            sub,
+            torch.tensor([k_B[b] for b in rows], device=dev),
+            states,
+        )
+        for j, b in enumerate(rows):
+            req = batch[b][0]
+            req.drafts, req.draft_q = D[j, : k_B[b]].tolist(), Q[j, : k_B[b]]
 
     def _take_in(self) -> None:
         with self._lock:
@@ -527,14 +665,16 @@ class Engine:
         cfg, bs = self.config, self.config.block_size
         # Decoding rows (one token each) always fit, since max_num_batched_tokens >= max_batch_size; prefill
         # chunks share what is left, oldest request first. A long prompt never stalls the decoders beside it.
-        budget = cfg.max_num_batched_tokens - sum(len(r.tokens) - r.num_computed == 1 for r in self.running)
+        budget = cfg.max_num_batched_tokens - sum(
+            1 + len(r.drafts) for r in self.running if len(r.tokens) - r.num_computed == 1
+        )
         batch: list[tuple[_Request, int]] = []
         preempted = False
         i = 0
         while i < len(self.running):
             req = self.running[i]
             remaining = len(req.tokens) - req.num_computed
-            n = 1 if remaining == 1 else min(remaining, budget)
+            n = 1 + len(req.drafts) if remaining == 1 else min(remaining, budget)  # a decoding row: token + drafts
             if n == 0:  # a prefill with no budget left this step
                 i += 1
                 continue
@@ -563,6 +703,10 @@ class Engine:
                 self.waiting.popleft()
             req.blocks = hit + [self.allocator.allocate() for _ in range(need)]
             req.hashes, req.num_computed = hashes, len(hit) * bs
+            # The MTP entries of cached blocks were written by the request that computed them (every row catches
+            # the MTP up in a speculative engine); only the last position of such a block read that request's next
+            # token, which may differ from ours: a worse draft at worst, never a wrong output.
+            req.mtp_computed = req.num_computed
             if cfg.enable_prefix_caching:
                 self.counters["prefix_queries"] += len(req.tokens)
                 self.counters["prefix_hits"] += req.num_computed
@@ -633,6 +777,7 @@ class Engine:
         self.running.remove(req)
         self._free(req)
         req.num_computed, req.hashes = 0, []
+        req.mtp_computed, req.drafts, req.draft_q = 0, [], None
         with self._lock:
             self.waiting.appendleft(req)
         self.counters["preemptions"] += 1
@@ -657,6 +802,8 @@ class Engine:
             total_tokens=req.prompt_len + len(state.output_ids),
             cached_tokens=req.cached_tokens or 0,
         )
+        if self.speculative:  # tokens the MTP head proposed for this request, and how many the model kept
+            handle.usage |= dict(draft_tokens=req.drafted, accepted_tokens=req.accepted)
         handle.metrics["finished"] = time.monotonic()
         if last is None:
             self.counters["requests_aborted"] += 1

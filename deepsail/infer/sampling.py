@@ -155,6 +155,31 @@ def sample_from_probs(probs_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs_BV.shape[1] - 1)
 
 
+def _tempered(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Sampled rows' logits after temperature, top-k, top-p and min-p (-inf where removed)."""
+    device = logits_BV.device
+    x = logits_BV / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    return mask_logits(
+        x,
+        torch.tensor([p.top_k for p in params], device=device),
+        torch.tensor([p.top_p for p in params], device=device),
+        torch.tensor([p.min_p for p in params], device=device),
+    )
+
+
+def probs_of(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """[B, V] the distribution each row's next token is drawn from, as `sample` draws it: one-hot at the argmax for
+    greedy rows, else the softmax after temperature, top-k, top-p and min-p. (No repetition penalty or grammar mask:
+    speculative decoding, which needs whole distributions, leaves such rows to `sample`.)"""
+    logits = logits_BV.float()
+    out = torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        out.index_copy_(0, idx, _tempered(logits.index_select(0, idx), [params[i] for i in rows]).softmax(-1))
+    return out
+
+
 @dataclass
 class Sampled:
     token_ids: torch.Tensor  # [B] int64
@@ -192,14 +217,7 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=device)
-        ps = [params[i] for i in rows]
-        x = logits.index_select(0, idx) / torch.tensor([p.temperature for p in ps], device=device)[:, None]
-        x = mask_logits(
-            x,
-            torch.tensor([p.top_k for p in ps], device=device),
-            torch.tensor([p.top_p for p in ps], device=device),
-            torch.tensor([p.min_p for p in ps], device=device),
-        )
+        x = _tempered(logits.index_select(0, idx), [params[i] for i in rows])
         uniform = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(device)
         out.token_ids = out.token_ids.index_copy(0, idx, sample_from_probs(x.softmax(-1), uniform))
     if want:

@@ -101,6 +101,15 @@ def serve_command(
             "first compile of 20-40 s while the server warms up."
         ),
     ] = False,
+    speculative: Annotated[
+        str,
+        typer.Option(
+            help="mtp: MTP self-speculative decoding inside the batches (models with an MTP head, e.g. DeepSeek-V3 "
+            "style): each decoding request drafts tokens with the head and the step's forward verifies them, greedy "
+            "output unchanged, sampled output in the same distribution (rejection sampling). mtp:K drafts K per "
+            "step (mtp = mtp:1). Acceptance per request is in /metrics. Steps run eager (not with --compile's graph).",
+        ),
+    ] = "off",
     route: Annotated[
         list[str] | None,
         typer.Option(
@@ -165,6 +174,7 @@ def serve_command(
     Examples:
       deepsail serve runs/base --port 8000
       deepsail serve runs/base --compile              # compiled decode steps
+      deepsail serve runs/base --speculative mtp      # MTP self-speculative decoding in the batches
       deepsail serve runs/base --adapter finance=runs/finance/adapter --adapter law=runs/law/adapter
       deepsail serve --route edge=runs/int4 --route cloud=runs/base --cloud-share 0.3   # model "auto" routes
       deepsail serve runs/base --replicas auto --max-replicas 8 --max-batch-size 16   # Ray Serve, autoscaled
@@ -199,6 +209,7 @@ def serve_command(
     if not 0 <= cloud_share <= 1:
         raise typer.BadParameter(f"{cloud_share}: a share, between 0 and 1", param_hint="--cloud-share")
     ray_replicas = _parse_replicas(replicas, min_replicas, max_replicas, max_batch_size, replica_cpus)
+    num_draft = _parse_speculative(speculative)
     calibration = None
     if route_calibration is not None:
         calibration = _calibration_prompts(route_calibration)
@@ -239,6 +250,8 @@ def serve_command(
                 max_waiting=max_waiting,
                 max_model_len=max_model_len,
                 compile_decode=compile,
+                speculative=num_draft,
+                max_num_batched_tokens=max(512, max_batch_size * (1 + num_draft)),
             )
         return load_served(
             path,
@@ -250,6 +263,8 @@ def serve_command(
             max_model_len=max_model_len,
             adapters=adapters,
             compile_decode=compile,
+            speculative=num_draft,
+            max_num_batched_tokens=max(512, max_batch_size * (1 + num_draft)),
         )
 
     def on_load_error(e: BaseException) -> None:
@@ -272,6 +287,18 @@ def serve_command(
     server.run()
     if failed:
         raise failed[0]  # the CLI's one error path reports it (one line for an expected failure)
+
+
+def _parse_speculative(text: str) -> int:
+    """--speculative: off | mtp | mtp:K -> tokens drafted per step (0 = off)."""
+    method, _, k = text.partition(":")
+    if text in ("off", "none", "0"):
+        return 0
+    if method != "mtp" or (k and not (k.isdigit() and 1 <= int(k) <= 8)):
+        raise typer.BadParameter(
+            f"{text!r}: expected off, mtp (one draft per step) or mtp:K with K in 1..8", param_hint="--speculative"
+        )
+    return int(k or 1)
 
 
 def _calibration_prompts(path: Path) -> list[str]:

@@ -51,6 +51,14 @@ class EngineCollector(Collector):
             "prefix_hits": ("deepsail_prefix_cache_hits", "Prompt tokens served from the prefix cache."),
             "requests_aborted": ("deepsail_requests_aborted", "Requests cancelled (client gone, or shutdown)."),
             "steps": ("deepsail_engine_steps", "Forward passes of the engine."),
+            "spec_draft_tokens": (
+                "deepsail_spec_decode_num_draft_tokens",
+                "Speculative decoding (--speculative mtp): tokens the MTP head drafted.",
+            ),
+            "spec_accepted_tokens": (
+                "deepsail_spec_decode_num_accepted_tokens",
+                "Speculative decoding: drafted tokens the model kept.",
+            ),
         }
         for key, (name, doc) in counters.items():
             if key in s:
@@ -98,6 +106,13 @@ class ServerMetrics:
             "deepsail_route_difficulty",
             "Estimated difficulty of `auto` requests (edge prefill entropy, nats, + length term).",
             buckets=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 10.0),
+            registry=r,
+        )
+        # per request, with --speculative: kept / drafted tokens (requests that drafted nothing are not observed)
+        self.spec_acceptance = Histogram(
+            "deepsail_spec_decode_acceptance_rate",
+            "Per request: the share of its MTP-drafted tokens the model kept (speculative decoding).",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
             registry=r,
         )
         r.register(EngineCollector(stats))

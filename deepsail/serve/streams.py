@@ -56,6 +56,9 @@ class ChoiceStreams:
                 if ev.finish_reason is not None:
                     self.metrics.e2e.observe(now - self.arrival)
                     self.metrics.finished.labels(ev.finish_reason).inc()
+                    drafted = (handle.usage or {}).get("draft_tokens", 0)
+                    if drafted:
+                        self.metrics.spec_acceptance.observe(handle.usage["accepted_tokens"] / drafted)
                 self.queue.put_nowait((index, ev))
             self.queue.put_nowait((index, _END))
         except Exception as e:  # the engine failed this request: surface it to the client, not as a hang
