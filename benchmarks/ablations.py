@@ -62,6 +62,9 @@ def prepare_data(folder: Path, vocab_size: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=4.0, help="wall clock per variant")
+    p.add_argument(
+        "--steps", type=int, default=None, help="equal steps instead of equal minutes (fair on a shared machine)"
+    )
     p.add_argument("--preset", default="deepseek-v3-mini")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("runs/ablations"))
@@ -89,8 +92,8 @@ def main() -> None:
         data=str(data),
         tokenizer=str(a.data_cache / "tokenizer"),
         model_preset=a.preset,
-        steps=None,
-        minutes=a.minutes,
+        steps=a.steps,
+        minutes=None if a.steps else a.minutes,
         batch_size=a.batch_size,
         seq_len=a.seq_len,
         lr=a.lr,
@@ -106,12 +109,13 @@ def main() -> None:
         shutil.rmtree(a.out)
     rows = []
     quiet = Console(quiet=True)
-    print(f"{os.cpu_count()} cores | {a.preset} | {a.minutes:g} min per variant | batch {a.batch_size}x{a.seq_len}")
+    budget = f"{a.steps} steps" if a.steps else f"{a.minutes:g} min"
+    print(f"{os.cpu_count()} cores | {a.preset} | {budget} per variant | batch {a.batch_size}x{a.seq_len}")
     for name in names:
         load = os.getloadavg()[0]
         t0 = time.time()
         if VARIANTS[name] == "pipeline":
-            half = base.replace(minutes=a.minutes / 2)
+            half = base.replace(minutes=a.minutes / 2) if not a.steps else base.replace(steps=a.steps // 2)
             dense = pretrain(
                 half.replace(model_preset=f"{a.preset}-dense", out=str(a.out / name / "dense")), console=quiet
             )

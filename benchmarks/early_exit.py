@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
+THRESHOLDS = (1.0, 0.95, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.0)
 
 
 def main() -> None:
