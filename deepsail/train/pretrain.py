@@ -253,6 +253,8 @@ def pretrain_command(
       deepsail pretrain --data data --steps 2000 --batch-size 16 --grad-accum 4 --lr 1e-3 --out runs/a
       deepsail pretrain --out runs/mini --resume              # exact continuation after a crash or kill -9
       deepsail pretrain --out runs/mini --resume --steps 5000 # continue, with one setting changed
+      deepsail pretrain --data data --arch attn_gate=headwise --arch segment_memory=256 --out runs/opt
+      deepsail pretrain --data data --init runs/upcycled --minutes 5 --out runs/moe   # from another model's weights
       torchrun --nproc_per_node 8 -m deepsail pretrain --data data --dp-shard 2 --tp 2 --ep 2 --out runs/big
     """
     from deepsail.card import invocation
