@@ -3,6 +3,10 @@
     python benchmarks/grammar_bench.py                 # 32k-token BPE, every installed engine, then the engine run
     python benchmarks/grammar_bench.py --vocab 512     # the tests' tokenizer size
 
+The peers are not deepsail dependencies; to compare without changing the venv (xgrammar pulls triton along):
+    pip install --no-deps --target /tmp/peers xgrammar apache-tvm-ffi outlines-core
+    PYTHONPATH=/tmp/peers python benchmarks/grammar_bench.py
+
 1. Per engine that is installed (llguidance — deepsail's choice, infer/structured.py —, xgrammar, outlines-core):
    a byte-level BPE trained on the embedded corpus, a nested 6-field schema and "any JSON object"; five random walks
    of up to 150 tokens through each grammar (a uniformly random allowed token each step: the worst case, long

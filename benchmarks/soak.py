@@ -3,21 +3,28 @@
     python benchmarks/soak.py                  # 2 rounds of 1000 concurrent requests, deepseek-v3-small, <= 5 min
     python benchmarks/soak.py --quick          # 2 x 300 requests, the debug model
 
-The mix, one request per client, all sent at once: streaming chat, non-streaming completions, /generate, and a
-few clients that hang up after the first chunk (cancellations by design). The server's queue is far smaller than
-the burst, so most requests first get 429; a client then waits Retry-After (plus jitter, so they do not return
-in lockstep) and tries again. Pass criteria:
+The server runs everything at once: MTP speculation (--speculative mtp, the model keeps its MTP head) and a LoRA
+adapter served beside the base. The mix, one request per client, all sent at once: streaming chat (sampled: the
+speculative rows' rejection sampling), non-streaming completions (seeded), /generate (greedy), structured output
+(response_format json_schema, non-streaming chat: a reply that ends "stop" must parse and validate, or it counts as a
+failure), completions through the adapter, and a few clients that hang up after the first chunk (cancellations by
+design). The server's queue is far smaller than the burst, so most requests first get 429; a client then waits
+Retry-After (plus jitter, so they do not return in lockstep) and tries again. Pass criteria:
 - every request ends 200 (or is a designed hang-up); 429s are counted but are not failures; nothing else
   (a reset before any response byte, i.e. the keep-alive race, is retried like openai's client does, and counted);
 - afterwards the engine holds no KV blocks and no requests;
 - the server's RSS settles near its warmed-up baseline after the first burst and does not grow with later ones
-  (baseline, and peak / after per round, are printed). Two rounds by default, within --max-seconds.
+  (baseline, and peak / after per round, are printed). The baseline is taken after one warm-up burst at full
+  batch: the KV pool's pages are only touched (and counted in RSS) once blocks are first used.
+Two rounds by default, within --max-seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
 import sys
 import tempfile
@@ -29,6 +36,46 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_bench import ServerProcess, make_model_dir
+
+KINDS = ("chat_stream", "completion", "generate", "structured", "adapter")
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+
+
+def make_adapter(model_dir: Path, folder: Path) -> Path:
+    """A LoRA adapter (r=4, random B so it changes the output) for `deepsail serve --adapter tuned=DIR`."""
+    import torch
+
+    import deepsail as ds
+    from deepsail.tune.lora import LoraConfig, apply_lora
+
+    model = ds.from_pretrained(model_dir, dtype="fp32")
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=("q_a_proj", "kv_b_proj", "o_proj")))  # attention only
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model.save_adapter(folder)
+
+
+def valid_structured(text: str) -> bool:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return (
+        isinstance(doc, dict)
+        and set(doc) == {"name", "n"}
+        and isinstance(doc["name"], str)
+        and len(doc["name"]) <= 10
+        and type(doc["n"]) is int
+        and 0 <= doc["n"] <= 99
+    )
 
 
 def rss_mb(pid: int) -> float:
@@ -47,8 +94,16 @@ def engine_gauges(c: httpx.Client) -> dict[str, float]:
     return out
 
 
+def wait_idle(c: httpx.Client) -> None:
+    """Until nothing runs or waits and every KV block is back (at most 10 s), then 2 s for the allocator to settle."""
+    t0 = time.monotonic()
+    while (g := engine_gauges(c)) and any(g.values()) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    time.sleep(2)
+
+
 async def one(c: httpx.AsyncClient, i: int, max_tokens: int, deadline: float, outcomes: Counter) -> None:
-    kind = ("chat_stream", "completion", "generate", "chat_stream", "completion")[i % 5]
+    kind = KINDS[i % len(KINDS)]
     hang_up = i % 20 == 7  # 5% of clients leave after the first chunk
     if hang_up:
         kind = "chat_stream"
@@ -64,6 +119,19 @@ async def one(c: httpx.AsyncClient, i: int, max_tokens: int, deadline: float, ou
         )
     elif kind == "completion":
         path, body = "/v1/completions", {"prompt": f"def f{i}(x):", "max_tokens": max_tokens, "seed": i}
+    elif kind == "adapter":
+        path, body = "/v1/completions", {"prompt": f"x{i} =", "max_tokens": max_tokens, "model": "tuned", "seed": i}
+    elif kind == "structured":
+        fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
+        path, body = (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": f"Item {i} as JSON"}],
+                "max_tokens": 4 * max_tokens,  # room for the whole object: 2 keys, a bounded string and number
+                "response_format": fmt,
+                "seed": i,
+            },
+        )
     else:
         path, body = "/generate", {"prompt": f"Item {i}:", "max_tokens": max_tokens, "temperature": 0}
     attempt = resets = 0
@@ -86,6 +154,12 @@ async def one(c: httpx.AsyncClient, i: int, max_tokens: int, deadline: float, ou
                         return
                 else:
                     await r.aread()
+                    if status == 200 and kind == "structured":
+                        choice = r.json()["choices"][0]
+                        if choice["finish_reason"] == "stop" and not valid_structured(choice["message"]["content"]):
+                            outcomes["structured output invalid"] += 1
+                            return
+                        outcomes[f"structured {choice['finish_reason']}"] += 1
         except (httpx.ReadError, httpx.RemoteProtocolError) as e:
             # Reset before any response byte: the request went out on a pooled keep-alive connection just as the
             # server's idle timer closed it (a client several seconds behind under CPU starvation hits this).
@@ -145,9 +219,14 @@ def main() -> None:
     outcomes: Counter = Counter()
     walls, peaks, afters, gauges = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_model_dir(Path(tmp) / "model", preset)
+        folder = make_model_dir(Path(tmp) / "model", preset, mtp=True)
+        adapter = make_adapter(folder, Path(tmp) / "adapter")
         server = ServerProcess(
             folder,
+            "--speculative",
+            "mtp",
+            "--adapter",
+            f"tuned={adapter}",
             "--threads",
             str(args.threads),
             "--max-batch-size",
@@ -164,6 +243,12 @@ def main() -> None:
             with httpx.Client(base_url=server.url, timeout=60) as c:
                 for i in range(20):  # warm up every path once before taking the baseline
                     c.post("/v1/completions", json={"prompt": f"warm {i}", "max_tokens": args.max_tokens})
+                    c.post("/v1/completions", json={"prompt": f"warm {i}", "max_tokens": 4, "model": "tuned"})
+                    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
+                    c.post(
+                        "/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "response_format": fmt},
+                    )
                     c.post(
                         "/v1/chat/completions",
                         json={
@@ -172,17 +257,18 @@ def main() -> None:
                             "stream": True,
                         },
                     )
-                time.sleep(1)
+                # ... then one burst of twice the batch: the KV pool's pages, MoE buffers and malloc arenas reach
+                # their full-batch size (the pool is allocated lazily, zero pages until a block is first written:
+                # 94 MB of deepseek-v3-small's grow into RSS only under load). That working set is the baseline.
+                cold = rss_mb(pid)
+                warm, _, _ = asyncio.run(burst(server.url, 128, args.max_tokens, time.monotonic() + 60, pid))
+                wait_idle(c)
                 baseline = rss_mb(pid)
                 deadline = time.monotonic() + args.max_seconds
                 for _ in range(args.rounds):
                     got, wall, peak = asyncio.run(burst(server.url, n, args.max_tokens, deadline, pid))
                     outcomes += got
-                    # Wait for idle (nothing running or waiting, every block back), then let the allocator settle.
-                    t_idle = time.monotonic()
-                    while (g := engine_gauges(c)) and any(g.values()) and time.monotonic() - t_idle < 10:
-                        time.sleep(0.1)
-                    time.sleep(2)
+                    wait_idle(c)
                     walls.append(wall), peaks.append(peak), afters.append(rss_mb(pid))
                     gauges = engine_gauges(c)
                     if time.monotonic() > deadline:
@@ -194,10 +280,12 @@ def main() -> None:
     total = n * len(walls)
     done = outcomes["200"] + outcomes["hung up (designed)"]
     retried = ("429 (retried)", "reset before response (retried)")
-    failures = {k: v for k, v in outcomes.items() if k not in ("200", "hung up (designed)", *retried)}
+    counted = ("200", "hung up (designed)", "structured stop", "structured length", *retried)  # not failures
+    failures = {k: v for k, v in outcomes.items() if k not in counted}
     print(
-        f"soak: {len(walls)} x {n} concurrent requests, {preset}, max_tokens={args.max_tokens}, server "
-        f"max_batch_size=64 max_waiting=128, threads={args.threads}"
+        f"soak: {len(walls)} x {n} concurrent requests ({', '.join(KINDS)}, hang-ups), {preset}, "
+        f"max_tokens={args.max_tokens}, server --speculative mtp --adapter tuned, max_batch_size=64 max_waiting=128, "
+        f"threads={args.threads}; load {os.getloadavg()[0]:.1f}"
     )
     print(
         f"wall per round: {', '.join(f'{w:.1f}s' for w in walls)} (bound {args.max_seconds:.0f}s in all); "
@@ -208,7 +296,10 @@ def main() -> None:
     print(f"completed {done}/{total}; failures: {sum(failures.values())} {failures or ''}")
     print(f"engine after: {gauges}")
     print(
-        f"server RSS MB: baseline {baseline:.0f}; per round peak / after: "
+        f"server RSS MB: after the sequential warm-up {cold:.0f}, after a 128-request warm-up burst (the baseline) "
+        f"{baseline:.0f} ({warm['200'] + warm['hung up (designed)']} requests done, "
+        f"{sum(v for k, v in warm.items() if k.startswith(('error', 'HTTP', 'stream', 'structured output')))} "
+        f"failed); per round peak / after: "
         f"{', '.join(f'{p:.0f} / {a:.0f}' for p, a in zip(peaks, afters))}"
     )
     growth = afters[-1] - afters[0]

@@ -3,7 +3,8 @@ scripts/install.sh; playwright's Python package drives it through `executable_pa
 
 One live server with an API key, on the tiny random model: the page asks for the key, lists the model, streams a
 reply, stops it (the server cancels the request and frees its KV blocks), sends a second turn with the whole
-conversation, and renders hostile model output as text. A screenshot is saved for the record.
+conversation, and renders hostile model output as text. A screenshot is saved for the record. Another server is
+stopped under the page and started again on the same address: the page says so, reconnects, keeps the conversation.
 """
 
 from __future__ import annotations
@@ -172,3 +173,43 @@ def test_hostile_model_output_is_rendered_as_text(server, browser):
     assert body.locator("em").text_content() == "it" and body.locator("ul li").count() == 2
     assert body.locator("h4").text_content() == "Title"
     page.close()
+
+
+def test_page_survives_a_server_restart(tiny_model_dir, browser):
+    """A message, then the server goes away: the next send fails, the status says the connection is lost and the
+    page is reconnecting, and the unsent text goes back to the input; the server comes back on the same address,
+    the page finds it by itself (polling /health) and says so, and the resent message gets a reply with the whole
+    conversation in the request."""
+    config = ServerConfig(api_key=KEY, model_name="tiny")
+    live = _serve(tiny_model_dir, config, max_batch_size=4, max_model_len=512)
+    port = int(live.url.rsplit(":", 1)[1])
+    page = browser.new_page()
+    sent: list[dict] = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(r.post_data_json))
+    page.add_init_script(f"sessionStorage.setItem('deepsail.key', {json.dumps(KEY)})")
+    try:
+        page.goto(live.url)
+        expect(page.locator("#model")).to_have_value("tiny", timeout=5000)
+        page.fill("#max-tokens", "4")
+        page.fill("#input", "hello")
+        page.press("#input", "Enter")
+        expect(page.locator(".msg.assistant:not(.streaming)")).to_have_count(1, timeout=10000)
+
+        live.close()  # the server stops; the page does not know yet
+        page.fill("#input", "are you there?")
+        page.press("#input", "Enter")
+        expect(page.locator("#status")).to_contain_text("lost; reconnecting", timeout=10000)
+        # nothing came back: the turn is taken back, its text returned to the input to send again
+        expect(page.locator("#input")).to_have_value("are you there?", timeout=5000)
+        assert page.locator(".msg").count() == 2 and page.is_enabled("#send")
+
+        live = _serve(tiny_model_dir, config, port=port, max_batch_size=4, max_model_len=512)
+        expect(page.locator("#status")).to_contain_text("reconnected", timeout=15000)
+        page.press("#input", "Enter")
+        expect(page.locator(".msg.assistant:not(.streaming)")).to_have_count(2, timeout=10000)
+        assert "tokens" in page.text_content(".msg.assistant:last-child .meta")
+        users = [m["content"] for m in sent[-1]["messages"] if m["role"] == "user"]
+        assert users == ["hello", "are you there?"] and len(sent[-1]["messages"]) == 3, sent[-1]
+    finally:
+        page.close()
+        live.close()

@@ -50,10 +50,12 @@ def model_dir(tiny_model_dir) -> Path:
 class Live:
     """uvicorn on 127.0.0.1 in a background thread, on a socket bound here (port 0: no race for a free port)."""
 
-    def __init__(self, app, config: ServerConfig | None = None) -> None:
+    def __init__(self, app, config: ServerConfig | None = None, port: int = 0) -> None:
+        """`port`: 0 for a free one; a given port is rebound at once (a server restarted on its old address)."""
         self.app = app
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -78,9 +80,9 @@ class Live:
         self.thread.join(15)
 
 
-def _serve(model_dir: Path, config: ServerConfig | None = None, **engine) -> Live:
+def _serve(model_dir: Path, config: ServerConfig | None = None, port: int = 0, **engine) -> Live:
     config = config or ServerConfig(model_name="tiny")  # the id clients send as `model`
-    live = Live(create_app(lambda: load_served(model_dir, **engine), config), config)
+    live = Live(create_app(lambda: load_served(model_dir, **engine), config), config, port)
     live.wait_ready()
     return live
 

@@ -11,8 +11,9 @@ Logprobs are those of the model's own distribution (log-softmax of the raw logit
 vLLM reports them by default.
 
 `DecodeState` is everything one request accumulates while it decodes: ids, logprobs, incrementally decoded
-text, and the stop rules (stop token ids, stop strings, max tokens). `generate`, the speculative decoder and the
-continuous-batching engine all feed it one token at a time, so they agree on when and how a request ends.
+text, and the stop rules (stop token ids, stop strings, max tokens), and for structured output its grammar matcher
+(`structured.py`: `sample_states` masks the row to the grammar's allowed tokens). `generate`, the speculative decoder
+and the continuous-batching engine all feed it one token at a time, so they agree on when and how a request ends.
 """
 
 from __future__ import annotations
