@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0, help="init and data order; rerun with another to see the noise")
     a = p.parse_args()
 
     from rich.console import Console
@@ -104,6 +105,7 @@ def main() -> None:
         log_every=20,
         ckpt_every=0,
         keep_last=1,
+        seed=a.seed,
     )
     if a.out.exists():
         shutil.rmtree(a.out)
