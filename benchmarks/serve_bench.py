@@ -83,7 +83,7 @@ def free_port() -> int:
 class ServerProcess:
     """`deepsail serve` in a subprocess on loopback; stopped with SIGTERM (its graceful path)."""
 
-    def __init__(self, model_dir: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(self, model_dir: Path | None, *args: str, log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log or os.devnull, "w")  # noqa: SIM115 - the server writes to it until stop()
@@ -92,7 +92,7 @@ class ServerProcess:
             "-c",
             "from deepsail.cli import app; app()",
             "serve",
-            str(model_dir),
+            *([str(model_dir)] if model_dir is not None else []),  # None: the args name what is served (--route)
             "--port",
             str(self.port),
             *args,

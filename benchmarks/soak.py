@@ -16,7 +16,9 @@ Retry-After (plus jitter, so they do not return in lockstep) and tries again. Pa
 - the server's RSS settles near its warmed-up baseline after the first burst and does not grow with later ones
   (baseline, and peak / after per round, are printed). The baseline is taken after one warm-up burst at full
   batch: the KV pool's pages are only touched (and counted in RSS) once blocks are first used.
-Two rounds by default, within --max-seconds.
+Two rounds by default, within --max-seconds. `--routes` soaks a routed server instead (`--route edge=... --route
+cloud=...`, a second random model of the preset as the edge): the adapter's share of requests names auto, edge or
+cloud, the rest route auto; the same pass criteria, summed over both engines.
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ def rss_mb(pid: int) -> float:
 
 
 def engine_gauges(c: httpx.Client) -> dict[str, float]:
-    out = {}
+    """Running/waiting requests and KV blocks in use, summed over engines (a routed server labels each by model)."""
+    out: dict[str, float] = {}
     for line in c.get("/metrics").text.splitlines():
         for name in ("deepsail_num_requests_running", "deepsail_num_requests_waiting", "deepsail_kv_cache_blocks_used"):
-            if line.startswith(name + " "):
-                out[name.removeprefix("deepsail_")] = float(line.split()[1])
+            if line.startswith((name + " ", name + "{")):
+                key = name.removeprefix("deepsail_")
+                out[key] = out.get(key, 0.0) + float(line.split()[-1])
     return out
 
 
@@ -100,6 +104,9 @@ def wait_idle(c: httpx.Client) -> None:
     while (g := engine_gauges(c)) and any(g.values()) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
     time.sleep(2)
+
+
+ROUTED = False  # --routes: the server routes edge/cloud; "adapter" requests go to a route instead
 
 
 async def one(c: httpx.AsyncClient, i: int, max_tokens: int, deadline: float, outcomes: Counter) -> None:
@@ -120,7 +127,8 @@ async def one(c: httpx.AsyncClient, i: int, max_tokens: int, deadline: float, ou
     elif kind == "completion":
         path, body = "/v1/completions", {"prompt": f"def f{i}(x):", "max_tokens": max_tokens, "seed": i}
     elif kind == "adapter":
-        path, body = "/v1/completions", {"prompt": f"x{i} =", "max_tokens": max_tokens, "model": "tuned", "seed": i}
+        model = ("auto", "edge", "cloud")[i % 3] if ROUTED else "tuned"
+        path, body = "/v1/completions", {"prompt": f"x{i} =", "max_tokens": max_tokens, "model": model, "seed": i}
     elif kind == "structured":
         fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
         path, body = (
@@ -212,7 +220,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-seconds", type=float, default=300, help="time bound for all rounds together")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument(
+        "--routes",
+        action="store_true",
+        help="serve --route edge=... --route cloud=... instead (a second random model of the preset as the edge); "
+        "the adapter's share of requests goes to model auto / edge / cloud, and the rest route auto",
+    )
     args = ap.parse_args()
+    global ROUTED
+    ROUTED = args.routes
     n = args.requests or (300 if args.quick else 1000)
     preset = args.preset or ("deepseek-v3-debug" if args.quick else "deepseek-v3-small")
 
@@ -220,13 +236,15 @@ def main() -> None:
     walls, peaks, afters, gauges = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp) / "model", preset, mtp=True)
-        adapter = make_adapter(folder, Path(tmp) / "adapter")
+        if args.routes:
+            edge = make_model_dir(Path(tmp) / "edge", preset, seed=1)
+            served = ["--route", f"edge={edge}", "--route", f"cloud={folder}", "--cloud-share", "0.5"]
+        else:
+            adapter = make_adapter(folder, Path(tmp) / "adapter")
+            served = [str(folder), "--speculative", "mtp", "--adapter", f"tuned={adapter}"]
         server = ServerProcess(
-            folder,
-            "--speculative",
-            "mtp",
-            "--adapter",
-            f"tuned={adapter}",
+            None,
+            *served,
             "--threads",
             str(args.threads),
             "--max-batch-size",
@@ -243,7 +261,8 @@ def main() -> None:
             with httpx.Client(base_url=server.url, timeout=60) as c:
                 for i in range(20):  # warm up every path once before taking the baseline
                     c.post("/v1/completions", json={"prompt": f"warm {i}", "max_tokens": args.max_tokens})
-                    c.post("/v1/completions", json={"prompt": f"warm {i}", "max_tokens": 4, "model": "tuned"})
+                    side = ("edge", "cloud")[i % 2] if args.routes else "tuned"
+                    c.post("/v1/completions", json={"prompt": f"warm {i}", "max_tokens": 4, "model": side})
                     fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
                     c.post(
                         "/v1/chat/completions",
@@ -284,7 +303,9 @@ def main() -> None:
     failures = {k: v for k, v in outcomes.items() if k not in counted}
     print(
         f"soak: {len(walls)} x {n} concurrent requests ({', '.join(KINDS)}, hang-ups), {preset}, "
-        f"max_tokens={args.max_tokens}, server --speculative mtp --adapter tuned, max_batch_size=64 max_waiting=128, "
+        f"max_tokens={args.max_tokens}, server "
+        f"{'--route edge --route cloud' if args.routes else '--speculative mtp --adapter tuned'}, "
+        "max_batch_size=64 max_waiting=128, "
         f"threads={args.threads}; load {os.getloadavg()[0]:.1f}"
     )
     print(
