@@ -236,36 +236,25 @@ def serve_command(
         )
     failed: list[BaseException] = []
 
+    # what every engine gets, a routed server's two as well as a plain one
+    engine = dict(
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        kv_budget_bytes=kv_budget_bytes,
+        max_waiting=max_waiting,
+        max_model_len=max_model_len,
+        compile_decode=compile,
+        speculative=num_draft,
+        max_num_batched_tokens=max(512, max_batch_size * (1 + num_draft)),
+    )
+
     def load():
         if routes:
             return load_routed(
-                routes,
-                cloud_share=cloud_share,
-                threshold=route_threshold,
-                calibration=calibration,
-                device=device,
-                dtype=dtype,
-                max_batch_size=max_batch_size,
-                kv_budget_bytes=kv_budget_bytes,
-                max_waiting=max_waiting,
-                max_model_len=max_model_len,
-                compile_decode=compile,
-                speculative=num_draft,
-                max_num_batched_tokens=max(512, max_batch_size * (1 + num_draft)),
+                routes, cloud_share=cloud_share, threshold=route_threshold, calibration=calibration, **engine
             )
-        return load_served(
-            path,
-            device=device,
-            dtype=dtype,
-            max_batch_size=max_batch_size,
-            kv_budget_bytes=kv_budget_bytes,
-            max_waiting=max_waiting,
-            max_model_len=max_model_len,
-            adapters=adapters,
-            compile_decode=compile,
-            speculative=num_draft,
-            max_num_batched_tokens=max(512, max_batch_size * (1 + num_draft)),
-        )
+        return load_served(path, adapters=adapters, **engine)
 
     def on_load_error(e: BaseException) -> None:
         failed.append(e)
