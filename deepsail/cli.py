@@ -12,6 +12,7 @@ from deepsail.errors import cli_verb
 from deepsail.eval.cli import eval_command
 from deepsail.export.cli import register as register_export
 from deepsail.infer.cli import chat_command, generate_command
+from deepsail.multimodal.cli import register as register_mm
 from deepsail.parallel.plan import plan_command
 from deepsail.run import run
 from deepsail.serve.cli import serve_command
@@ -69,3 +70,4 @@ app.command("chat")(cli_verb(chat_command))
 app.command("serve")(cli_verb(serve_command))
 app.command("eval")(cli_verb(eval_command))
 register_export(app, cli_verb)
+register_mm(app, cli_verb)

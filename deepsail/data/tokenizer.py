@@ -239,6 +239,14 @@ class Tokenizer:
     def _with_bos(self, ids: list[int]) -> list[int]:
         return [self.bos_id] + ids if self.bos_id is not None else ids
 
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Make each of `tokens` one id that text never splits (an image placeholder, say), appended after the
+        vocabulary; tokens already there keep their ids. Returns the ids."""
+        self._tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in tokens])
+        self._plain = None
+        self.__dict__.pop("max_token_bytes", None)
+        return [self._tok.token_to_id(t) for t in tokens]
+
     # --- vocabulary facts ----------------------------------------------------------------------
 
     @functools.cached_property

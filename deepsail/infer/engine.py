@@ -31,6 +31,7 @@ consumers are woken with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import threading
@@ -90,6 +91,9 @@ class EngineConfig:
     # sampling keeps the target distribution). 0 = off. Steps then run eager: the MTP needs the hidden states.
     speculative: int = 0
     recent_samples: int = 1024  # how many recent TTFT / inter-token latencies `stats()` returns
+    # The placeholder id an image-conditioned decoder's prompts hold, one per image token (multimodal/connector.py):
+    # a request's `image_embeds` fill those positions' embeddings at prefill. None: the model takes no images.
+    image_token_id: int | None = None
 
 
 # --- requests and their handles ---------------------------------------------------------------------------------------
@@ -202,7 +206,14 @@ class _Request:
     """The engine thread's view of a request."""
 
     def __init__(
-        self, request_id: int, prompt_ids: list[int], state: DecodeState, handle: RequestHandle, adapter: int = 0
+        self,
+        request_id: int,
+        prompt_ids: list[int],
+        state: DecodeState,
+        handle: RequestHandle,
+        adapter: int = 0,
+        image_embeds: torch.Tensor | None = None,
+        image_token_id: int | None = None,
     ) -> None:
         self.id = request_id
         self.adapter = adapter  # index in the engine's AdapterSet; 0 = the base model
@@ -219,6 +230,19 @@ class _Request:
         self.drafted = self.accepted = 0
         self.cached_tokens: int | None = None  # prefix-cache hits at first admission (usage.cached_tokens)
         self.last_token_time: float | None = None
+        # Image tokens: row k of image_embeds is the embedding at prompt position image_positions[k]. The images'
+        # digest starts the block-hash chain: the same placeholder ids with another image are other KV entries.
+        self.image_embeds = image_embeds
+        self.image_positions = (
+            torch.tensor([i for i, t in enumerate(prompt_ids) if t == image_token_id], dtype=torch.long)
+            if image_embeds is not None
+            else None
+        )
+        self.image_digest = (
+            hashlib.sha256(image_embeds.detach().float().cpu().numpy().tobytes()).hexdigest()
+            if image_embeds is not None
+            else None
+        )
 
 
 # --- the engine -------------------------------------------------------------------------------------------------------
@@ -324,10 +348,15 @@ class Engine:
 
     # --- the public API (any thread) ---------------------------------------------------------------------------------
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, adapter: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> RequestHandle:
-        """Queue a request (with `adapter`, one of the engine's adapters by name). Raises ValueError if it can never
-        run, QueueFull if the queue is full, EngineClosed after shutdown began."""
+        """Queue a request (with `adapter`, one of the engine's adapters by name). `image_embeds` [K, hidden] are the
+        embeddings of the prompt's K image placeholder ids (`EngineConfig.image_token_id`), in order. Raises
+        ValueError if it can never run, QueueFull if the queue is full, EngineClosed after shutdown began."""
         params = params or SamplingParams()
         adapter_index = 0
         if adapter is not None:
@@ -355,13 +384,26 @@ class Engine:
                 f"prompt + max_tokens = {total} tokens needs {blocks} KV blocks, but the whole pool has "
                 f"{self.pool.num_blocks}; raise kv_budget_bytes / num_blocks or lower max_tokens"
             )
+        image_id = self.config.image_token_id
+        if image_embeds is not None:
+            if image_id is None:
+                raise ValueError("this model takes no images (its engine has no image_token_id)")
+            slots = sum(t == image_id for t in prompt)
+            if image_embeds.shape != (slots, self.model.config.hidden_size):
+                raise ValueError(
+                    f"image_embeds {list(image_embeds.shape)} must be [image placeholders in the prompt, hidden] = "
+                    f"{[slots, self.model.config.hidden_size]}"
+                )
+            image_embeds = image_embeds.detach().to(self.device, self.dtype)
+        elif image_id is not None and image_id in prompt:
+            raise ValueError("the prompt holds image placeholders but no image_embeds came with it")
         state = DecodeState(prompt, params, self.tokenizer, self.eos_ids)  # may raise ValueError (bad stop rules)
         with self._lock:
             if len(self._inbox) + len(self.waiting) >= self.config.max_waiting:
                 raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
             rid = next(self._ids)
             handle = RequestHandle(self, rid, state)
-            self._inbox.append(_Request(rid, prompt, state, handle, adapter_index))
+            self._inbox.append(_Request(rid, prompt, state, handle, adapter_index, image_embeds, image_id))
         self._wake.set()
         return handle
 
@@ -482,16 +524,19 @@ class Engine:
         rows = self.adapters.select([r.adapter for r, _ in batch], T, dev) if self.adapters else nullcontext()
         feed = torch.tensor([n for _, n in batch], device=dev)
         hidden = None
-        if T == 1 and not scoring and not self.adapters and not self.speculative:  # decode-only: compiled if enabled
-            logits = decode_logits(self.model, torch.tensor(ids, device=dev), cache, feed)
+        ids_t = torch.tensor(ids, device=dev)
+        embeds = self._image_embeds(batch, ids_t)
+        if T == 1 and embeds is None and not scoring and not self.adapters and not self.speculative:
+            logits = decode_logits(self.model, ids_t, cache, feed)  # decode-only: compiled if enabled
         else:
             with rows:
                 out = self.model(
-                    torch.tensor(ids, device=dev),
+                    ids_t,
                     cache=cache,
                     input_lens=feed,
                     last_logits_only=True,
                     return_hidden=bool(scoring) or bool(self.speculative),
+                    inputs_embeds=embeds,
                 )
             logits, hidden = out.logits[:, 0], out.hidden
             for i in scoring:
@@ -537,6 +582,22 @@ class Engine:
                 else:
                     req.handle._push(event)
         return True
+
+    def _image_embeds(self, batch: list[tuple[_Request, int]], ids_BT: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings when a row's fed span crosses image placeholders (else None: the model
+        embeds the ids itself): token embeddings with those positions' rows replaced by the image's."""
+        embeds = None
+        for i, (req, n) in enumerate(batch):
+            if req.image_positions is None or req.num_computed >= req.prompt_len:
+                continue
+            pos = req.image_positions
+            inside = ((pos >= req.num_computed) & (pos < req.num_computed + n)).nonzero().squeeze(1)
+            if not len(inside):
+                continue
+            if embeds is None:
+                embeds = self.model.embed_tokens(ids_BT)
+            embeds[i, (pos[inside] - req.num_computed).to(embeds.device)] = req.image_embeds[inside.to(embeds.device)]
+        return embeds
 
     def _timed(self, req: _Request, event: StreamEvent, now: float, first_of_step: bool) -> None:
         """TTFT / inter-token latency bookkeeping for one token (a step's later tokens arrive 0 s after its first)."""
@@ -762,8 +823,11 @@ class Engine:
 
     @staticmethod
     def _chain_seed(req: _Request) -> int:
-        """Where a request's block-hash chain starts: the same tokens under another adapter are other KV entries."""
-        return 0 if req.adapter == 0 else hash(("adapter", req.adapter))
+        """Where a request's block-hash chain starts: the same tokens under another adapter, or with other images in
+        their placeholders, are other KV entries."""
+        if req.adapter == 0 and req.image_digest is None:
+            return 0
+        return hash(("adapter", req.adapter, req.image_digest))
 
     def _register_full_blocks(self, req: _Request) -> None:
         bs = self.config.block_size

@@ -54,10 +54,18 @@ class AttentionContext:
     read_slots: torch.Tensor | None = None  # [B, L] pool slot of every key position (0 where masked)
     mask: torch.Tensor | None = None  # [B, 1, T, L] True where a query may attend a key
     fresh: bool = True  # no row has cached tokens: plain causal attention over the new tokens
+    # False: bidirectional attention over the new tokens (an encoder, e.g. multimodal/align.py's text encoder), with
+    # `mask` [B, 1, 1 or T, T] saying which keys are real; only without a cache.
+    causal: bool = True
     # Instead of the paged cache, a contiguous past per layer ([B, P, ...] tensors, as an exported graph takes
     # them): the layer's entries for the new tokens are appended and the result is its `present`.
     past: list[tuple[torch.Tensor, ...]] | None = None
     present: list[tuple[torch.Tensor, ...]] | None = None
+
+    def encoder_mask(self) -> torch.Tensor | None:
+        """The padding mask of a bidirectional pass (None for a causal one, whose mask SDPA builds itself)."""
+        assert self.causal or (self.cache is None and self.past is None), "an encoder pass takes no cache"
+        return None if self.causal else self.mask
 
     def write(self, store: torch.Tensor, entries_BT: torch.Tensor) -> None:
         flat = entries_BT.reshape(-1, *entries_BT.shape[2:])
@@ -117,7 +125,9 @@ class GroupedQueryAttention(nn.Module):
                 )
             out = self.sparse(x_BTD, q, k, v, ctx, self.scale)
         elif ctx.fresh:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.encoder_mask(), is_causal=ctx.causal, scale=self.scale, enable_gqa=gqa
+            )
         else:
             k, v = (
                 e.transpose(1, 2).to(q.dtype) for e in ctx.history(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2))
@@ -182,7 +192,12 @@ class MultiHeadLatentAttention(nn.Module):
             # fallback it avoids costs ~9x (measured on CPU at d_qk 48, d_v 32).
             pad = q.shape[-1] - self.v_dim
             out = F.scaled_dot_product_attention(
-                q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True, scale=self.scale
+                q,
+                k,
+                F.pad(v, (0, pad)) if pad > 0 else v,
+                attn_mask=ctx.encoder_mask(),
+                is_causal=ctx.causal,
+                scale=self.scale,
             )[..., : self.v_dim]
         else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
             # (hybrid sparse attention always takes this path: one latent key head shared by all query heads)

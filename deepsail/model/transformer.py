@@ -129,6 +129,7 @@ class Transformer(HFCheckpoint, nn.Module):
         return_hidden: bool = False,
         past: list[tuple[torch.Tensor, ...]] | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T]. With `labels` ([B, T], -100 = ignore) the output carries the training losses.
 
@@ -141,9 +142,20 @@ class Transformer(HFCheckpoint, nn.Module):
         ones — and the output's `present` the same with the new tokens appended: the stateless form an exported
         graph (ONNX, torch.export) takes. `attention_mask` [B, P + T] (1 = real token, 0 = padding, e.g. a left-padded
         batch) then says which entries count; positions are counted over the real tokens.
+
+        `inputs_embeds` [B, T, D] replaces the token embeddings (input_ids still give the shape and the MTP
+        targets): an image-conditioned decoder (multimodal/connector.py) puts projected image features there.
         """
         B, T = input_ids.shape
-        x = self.embed_tokens(input_ids)
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids)
+        else:
+            if inputs_embeds.shape != (B, T, self.config.hidden_size):
+                raise ValueError(
+                    f"inputs_embeds {list(inputs_embeds.shape)} must be [B, T, hidden] = "
+                    f"{[B, T, self.config.hidden_size]}"
+                )
+            x = inputs_embeds.to(self.embed_tokens.weight.dtype)
         if past is not None:
             ctx = self._past_context(B, T, past, attention_mask)
         else:
