@@ -82,6 +82,10 @@ class Served:
     max_token_bytes: int = 64  # the most bytes of text one token stands for (Tokenizer.max_token_bytes)
     adapters: tuple[str, ...] = ()  # LoRA adapters a request may name as its `model`
     router: Any = None  # serve.route.Router when serving edge + cloud (`engine` is then both, for metrics/shutdown)
+    # A captioner's image prefix (multimodal/connector.py ImagePrefix, on the engine's device and dtype) and the
+    # placeholder id its prompts hold; None for a model that takes no images.
+    image_prefix: Any = None
+    image_token_id: int | None = None
 
 
 def load_served(
@@ -92,10 +96,12 @@ def load_served(
     **engine_config: Any,
 ) -> Served:
     """Load an HF dir or a run folder (its latest checkpoint) and start an engine on it, with the named LoRA
-    `adapters` (peft format) served beside the base in the same batches. `engine_config` are `EngineConfig` fields;
-    None means the engine's default."""
+    `adapters` (peft format) served beside the base in the same batches. A captioner's folder (`deepsail mm train
+    --task caption`: a decoder plus mm_config.json) also takes images in chat requests. `engine_config` are
+    `EngineConfig` fields; None means the engine's default."""
     from deepsail.infer.engine import Engine, EngineConfig
     from deepsail.infer.generate import load
+    from deepsail.multimodal.models import load_image_prefix
     from deepsail.train.checkpoint import resolve_checkpoint
 
     folder = resolve_checkpoint(path)
@@ -114,10 +120,15 @@ def load_served(
         from deepsail.tune.lora import AdapterSet
 
         adapter_set = AdapterSet(model, adapters)
+    # The decoder's first weight says where `load` put it (device, dtype resolved from "auto"); the image tokens
+    # must arrive in the same dtype the engine feeds its embeddings in.
+    weight = next(model.parameters())
+    image = load_image_prefix(folder, weight.device)
+    prefix, image_token_id = (image[0].to(weight.dtype), image[1]) if image is not None else (None, None)
     engine = Engine(
         model,
         tokenizer,
-        EngineConfig(**{k: v for k, v in engine_config.items() if v is not None}),
+        EngineConfig(**{k: v for k, v in engine_config.items() if v is not None}, image_token_id=image_token_id),
         adapters=adapter_set,
     )
     engine.start()
@@ -129,6 +140,8 @@ def load_served(
         model.config.vocab_size,
         tokenizer.max_token_bytes,
         tuple(adapter_set.names) if adapter_set else (),
+        image_prefix=prefix,
+        image_token_id=image_token_id,
     )
 
 

@@ -5,6 +5,11 @@ vocabulary) -> tokenize off the event loop -> `engine.submit` one handle per cho
 streams (`streams.ChoiceStreams`) -> SSE chunks or one JSON body. The two OpenAI endpoints differ only in how a
 prompt is made (text or token ids vs a chat template) and how a token is written out (`text` vs `delta`, their
 logprob layouts); the stream / collect / usage path is one (`_respond`).
+
+Images (a captioner's server, `Served.image_prefix`): a chat's image parts are decoded from their data: URLs and
+run through the image prefix in one batch off the event loop; each image's one placeholder id in the templated
+prompt becomes `num_tokens` of them, whose embeddings the engine fills with the image's tokens at prefill. The
+placeholder counts toward prompt_tokens, as vLLM counts it.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 
 from deepsail.infer.sampling import SamplingParams
 from deepsail.infer.structured import compile_schema
+from deepsail.multimodal.connector import expand_image_tokens
 from deepsail.serve import protocol as P
 from deepsail.serve.metrics import ServerMetrics
 from deepsail.serve.protocol import APIError
@@ -123,14 +131,57 @@ def check_text_size(served: Served, text_bytes: int, param: str) -> None:
         )
 
 
-def check_ids(served: Served, ids: list[int]) -> None:
+def check_ids(served: Served, ids: list[int], images: int = 0, param: str = "prompt") -> None:
+    """Refuse ids the model cannot take: none, out of the vocabulary, or image placeholders that are not the
+    `images` the request sends (the placeholder typed as text, or sent as a token id, would make the engine read
+    another image's tokens or none)."""
     if not ids:
-        raise APIError(400, "empty prompt: generation needs at least one token to condition on", param="prompt")
+        raise APIError(400, "empty prompt: generation needs at least one token to condition on", param=param)
     bad = next((i for i in ids if i >= served.vocab_size), None)
     if bad is not None:
+        raise APIError(400, f"token id {bad} is out of range: the vocabulary has {served.vocab_size} ids", param=param)
+    image_id = served.image_token_id
+    found = 0 if image_id is None else ids.count(image_id)
+    if found != images:
+        placeholder = served.tokenizer.id_to_token(image_id)
         raise APIError(
-            400, f"token id {bad} is out of range: the vocabulary has {served.vocab_size} ids", param="prompt"
+            400,
+            f"the prompt holds {found} image placeholders ({placeholder!r}, token id {image_id}) for the {images} "
+            f"image(s) the request sends: {placeholder!r} cannot be typed as text or sent as a token id. Send each "
+            'image as a {"type": "image_url"} part of a /v1/chat/completions message',
+            param=param,
         )
+
+
+def check_takes_images(served: Served, images: list[tuple[str, P.ImageURL]]) -> None:
+    if images and served.image_prefix is None:
+        raise APIError(
+            400,
+            f"this model takes no images: {images[0][0]} is an image part, but the served model has no image "
+            "encoder (no mm_config.json in its folder). Serve an image-captioning model, trained with `deepsail mm "
+            "train --task caption`, or send text only",
+            param=images[0][0],
+        )
+
+
+def image_tokens(served: Served, images: list[tuple[str, P.ImageURL]]) -> torch.Tensor:
+    """The images' tokens, [images x num_tokens, hidden] in reading order: each data: URL decoded and squashed to
+    the prefix's resolution, then all of them through the vision encoder and connector in one batch. Blocking:
+    call it in a worker thread."""
+    from deepsail.multimodal.images import decode_data_url, load_image, to_tensor
+
+    prefix = served.image_prefix
+    size = prefix.vision.config.image_size
+    pixels = []
+    for where, image in images:
+        try:
+            pixels.append(load_image(decode_data_url(image.url), size))
+        except ValueError as e:  # the client's image: bad URL, base64, bytes, pixel format or size
+            raise APIError(400, f"{where}: {e}", param=f"{where}.image_url.url") from e
+    weight = next(prefix.parameters())
+    with torch.inference_mode():
+        tokens_BND = prefix(to_tensor(np.stack(pixels)).to(weight.device, weight.dtype))
+    return tokens_BND.reshape(-1, tokens_BND.shape[-1])
 
 
 def submit(
@@ -139,16 +190,17 @@ def submit(
     jobs: list[tuple[list[int], SamplingParams]],
     adapter: str | None = None,
     route: RouteChoice | None = None,
+    image_embeds: torch.Tensor | None = None,
 ) -> list[Any]:
     """Submit every choice or none: a full queue part way through cancels the ones already in. With `route`, to
-    that target's engine."""
+    that target's engine. `image_embeds` (the prompts' image tokens) go with every choice."""
     from deepsail.infer.engine import EngineClosed, QueueFull
 
     engine = served.engine if route is None else served.router.targets[route.target].engine
     handles: list[Any] = []
     try:
         for ids, params in jobs:
-            handles.append(engine.submit(ids, params, adapter))
+            handles.append(engine.submit(ids, params, adapter, image_embeds=image_embeds))
     except EngineClosed as e:
         for h in handles:
             h.cancel()
@@ -377,16 +429,22 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
         s = state.ready()
         answer_as, adapter = check_model(s, cfg, req.model)
         tok = s.tokenizer
+        images = P.chat_images(req.messages)
+        check_takes_images(s, images)
         check_text_size(s, sum(len(m.text().encode("utf-8")) for m in req.messages), "messages")
 
         ids = await tokenize(lambda: chat_ids(tok, req.messages, req.add_generation_prompt))
-        check_ids(s, ids)
+        check_ids(s, ids, len(images), "messages")
+        if images:
+            ids = expand_image_tokens(ids, s.image_token_id, s.image_prefix.num_tokens)
         max_tokens = fit(s, len(ids), req.max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(ids, sampling_params(req, max_tokens, logprobs, j)) for j in range(req.n)]
+        # after the cheap checks: decoding and encoding the images is the costly part of a request
+        embeds = await tokenize(lambda: image_tokens(s, images)) if images else None
         route = await choose_route(s, cfg, metrics, answer_as, [ids])
         metrics.prompt_tokens.inc(len(ids))
-        streams = ChoiceStreams(submit(s, cfg, jobs, adapter, route), metrics, arrival)
+        streams = ChoiceStreams(submit(s, cfg, jobs, adapter, route, embeds), metrics, arrival)
         head = {
             "id": P.new_id("chatcmpl"),
             "object": "chat.completion.chunk",
@@ -500,8 +558,13 @@ def add_routes(app: FastAPI, state: State, cfg: ServerConfig, metrics: ServerMet
             check_text_size(s, len(req.prompt.encode("utf-8")), "prompt")
             ids = await tokenize(lambda: tok.encode(req.prompt))
         else:
+            images = P.chat_images(req.messages)
+            check_takes_images(s, images)
             check_text_size(s, sum(len(m.text().encode("utf-8")) for m in req.messages), "messages")
             ids = await tokenize(lambda: chat_ids(tok, req.messages, req.add_generation_prompt))
+            if images:  # the ids the chat endpoint feeds the model (the images' own are not decoded here)
+                check_ids(s, ids, len(images), "messages")
+                ids = expand_image_tokens(ids, s.image_token_id, s.image_prefix.num_tokens)
         strs = [tok.id_to_token(i) or "" for i in ids] if req.return_token_strs else None
         return P.TokenizeResponse(count=len(ids), max_model_len=s.max_model_len, tokens=ids, token_strs=strs)
 

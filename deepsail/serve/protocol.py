@@ -7,7 +7,8 @@ lone surrogate such as "\\ud800" is valid JSON but no text a tokenizer can read)
 and OpenAI's own server do for forward compatibility, but fields that would change the answer and that we do not
 implement (`tools`, `logit_bias`, penalties other than `repetition_penalty`, `best_of`) are refused when set to
 anything but their no-op value: a client that relies on them should find out. `response_format` takes "text",
-"json_object" and "json_schema" (structured output, infer/structured.py).
+"json_object" and "json_schema" (structured output, infer/structured.py). Chat messages may hold images as OpenAI's
+`image_url` content parts, inline `data:` URLs only (the server fetches nothing); `openai.py` decodes them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deepsail.infer.structured import JSON_OBJECT
+from deepsail.multimodal.connector import IMAGE_TOKEN
 
 # Bounds that keep one request from asking for unbounded work. The context length bounds max_tokens further.
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
@@ -28,6 +30,9 @@ MAX_STOP = 4  # stop strings, as OpenAI
 MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI's chat API
 MAX_TOKENS_LIMIT = 1 << 20  # a sanity bound; the model's context is the real one
 MAX_SEED = (1 << 63) - 1
+# Images per chat request: each is a vision-encoder pass and `num_tokens` positions of context. The body limit
+# (ServerConfig.max_body_bytes, 8 MiB) bounds their data: URLs' total size.
+MAX_IMAGES = 8
 
 
 class _Body(BaseModel):
@@ -141,6 +146,16 @@ class SamplingFields(_Body):
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
+def _no_content_parts(value: Any) -> Any:
+    """A prompt of chat-style parts (an image, say) would otherwise fail as "should be a valid string"."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(x, dict) for x in value)):
+        raise ValueError(
+            "content parts (text or image_url objects) are taken only in /v1/chat/completions messages; a prompt "
+            "here is text or token ids"
+        )
+    return value
+
+
 class CompletionRequest(SamplingFields):
     prompt: (
         Text
@@ -153,6 +168,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="prepend the prompt; with logprobs, score every prompt token too")
     suffix: Text | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 (no server-side reranking)")
+
+    _prompt_is_no_parts = field_validator("prompt", mode="before")(_no_content_parts)
 
     @field_validator("suffix")
     @classmethod
@@ -219,22 +236,64 @@ class CompletionResponse(BaseModel):
 
 
 # --- /v1/chat/completions ---------------------------------------------------------------------------------------------
-class TextPart(_Body):
-    type: Literal["text"]
-    text: Text
+class ImageURL(_Body):
+    url: Text = Field(description="data:image/png;base64,<payload>: inline only, the server fetches no URL")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="accepted and ignored: every image is read at the model's one resolution"
+    )
+
+
+class ContentPart(_Body):
+    """One part of a message's content, in OpenAI's shape: {"type": "text", "text": ...} or {"type": "image_url",
+    "image_url": {"url": "data:image/png;base64,..."}}. One model rather than a tagged union of two, so that an
+    error's path reads `messages.0.content.1.text` (pydantic puts a union member's tag into the path)."""
+
+    type: Literal["text", "image_url"]
+    text: Text | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _payload_matches_type(self) -> ContentPart:
+        if self.type == "text" and (self.text is None or self.image_url is not None):
+            raise ValueError('a "text" part holds `text` (and no image_url): {"type": "text", "text": "..."}')
+        if self.type == "image_url" and (self.image_url is None or self.text is not None):
+            raise ValueError(
+                'an "image_url" part holds `image_url` (and no text): {"type": "image_url", "image_url": {"url": '
+                '"data:image/png;base64,..."}}'
+            )
+        return self
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
 
+    @model_validator(mode="after")
+    def _images_only_from_the_user(self) -> ChatMessage:
+        if self.role != "user" and self.images():
+            raise ValueError(f"a {self.role} message holds an image; images go in user messages (as OpenAI's API)")
+        return self
+
     def text(self) -> str:
+        """The content as the chat template sees it: text parts joined, each image as IMAGE_TOKEN in its place (the
+        prompt training rendered for IMAGE_TOKEN + text)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(IMAGE_TOKEN if p.type == "image_url" else p.text for p in self.content)
+
+    def images(self) -> list[tuple[int, ImageURL]]:
+        """(part index, image) of each image part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [(k, p.image_url) for k, p in enumerate(self.content) if p.image_url is not None]
+
+
+def chat_images(messages: list[ChatMessage]) -> list[tuple[str, ImageURL]]:
+    """Every image of a chat in reading order, with where it is ("messages.0.content.1")."""
+    return [(f"messages.{i}.content.{k}", image) for i, m in enumerate(messages) for k, image in m.images()]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -261,6 +320,14 @@ class ChatCompletionRequest(SamplingFields):
         if value not in (None, "none"):
             raise ValueError('tool calling is not supported yet: only "none"')
         return value
+
+    @field_validator("messages")
+    @classmethod
+    def _few_images(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        n = len(chat_images(messages))
+        if n > MAX_IMAGES:
+            raise ValueError(f"hold {n} images; at most {MAX_IMAGES} per request")
+        return messages
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -323,6 +390,8 @@ class GenerateRequest(SamplingFields):
     max_tokens: int | None = Field(128, ge=1, le=MAX_TOKENS_LIMIT)
     n: int = Field(1, ge=1, le=1)
     stream: Literal[False] = False  # use /v1/completions to stream
+
+    _prompt_is_no_parts = field_validator("prompt", mode="before")(_no_content_parts)
 
 
 class GenerateResponse(BaseModel):
