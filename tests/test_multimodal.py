@@ -15,17 +15,14 @@ import torch.nn.functional as F
 from deepsail.infer.engine import Engine, EngineConfig, SamplingParams
 from deepsail.model.config import ModelConfig
 from deepsail.multimodal import models, scenes
-from deepsail.multimodal.align import ContrastiveModel, TextEncoder, contrastive_loss, text_config
-from deepsail.multimodal.connector import IMAGE_TOKEN, Captioner
-from deepsail.multimodal.evaluate import eval_clip, map_at_r, recall_at
+from deepsail.multimodal.align import ContrastiveModel, TextEncoder, contrastive_loss, encode_texts, text_config
+from deepsail.multimodal.connector import IMAGE_TOKEN, Captioner, chat_example, chat_prompt
+from deepsail.multimodal.evaluate import eval_clip
 from deepsail.multimodal.fusion import VQAModel
 from deepsail.multimodal.images import to_tensor
 from deepsail.multimodal.train import (
     MMTrainConfig,
-    chat_example,
-    chat_prompt,
     clip_loss,
-    encode_texts,
     scene_texts,
     to_batch,
     train_tokenizer,
@@ -145,19 +142,10 @@ def test_logit_scale_is_clamped_at_100():
     assert model.logit_scale.item() == pytest.approx(math.log(100))
 
 
-def test_retrieval_metrics():
-    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.1, 0.2]])  # query 1's right item ranks second
-    assert recall_at(sim, (1, 2)) == {"R@1": pytest.approx(2 / 3), "R@2": 1.0}
-    relevant = np.eye(3, dtype=bool)
-    relevant[0, 2] = relevant[2, 0] = True  # R = 2 for queries 0 and 2
-    # q0: top-2 = [0, 1] -> hits [1, 0] -> AP = 1/2; q1: top-1 = [0] -> 0; q2: top-2 = [2, 1] -> [1, 0] -> 1/2
-    assert map_at_r(sim, relevant) == pytest.approx((0.5 + 0 + 0.5) / 3)
-
-
 # --- vqa -------------------------------------------------------------------------------------------------------------
 def test_vqa_model_shares_the_image_pass_and_masks_padding(tokenizer):
     torch.manual_seed(0)
-    model = VQAModel(VISION, text_config("text-tiny", tokenizer.vocab_size), len(scenes.ANSWERS)).eval()
+    model = VQAModel(VISION, text_config("text-tiny", tokenizer.vocab_size, 64), len(scenes.ANSWERS)).eval()
     ids, mask = encode_texts(tokenizer, ["what colour is the circle?", "how many objects are there?"], 32)
     x = images(1)
     logits, weights = model(x, ids, mask, torch.tensor([0, 0]))
@@ -224,7 +212,7 @@ def test_save_load_round_trip(task, tokenizer, tmp_path):
     cfg = models.MMConfig(
         task,
         VISION,
-        text=text_config("text-tiny", tokenizer.vocab_size) if task != "caption" else None,
+        text=text_config("text-tiny", tokenizer.vocab_size, 64) if task != "caption" else None,
         decoder=ModelConfig.preset("deepseek-v3-debug").replace(
             vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0
         )
@@ -310,3 +298,86 @@ def test_tiny_contrastive_run_learns(tokenizer, tmp_path):
     r = eval_clip(model, tokenizer, cfg, scenes.make_scenes(100, 1, "test"))
     print("tiny run R@1", r["image_to_text"]["R@1"], "loss", losses[0], losses[-1])
     assert r["image_to_text"]["R@1"] > 0.1  # chance is 0.01
+
+
+# --- the verbs -------------------------------------------------------------------------------------------------------
+def test_mm_verbs_end_to_end(tmp_path):
+    """`mm train --task caption` (tiny, 3 steps) writes a model, its report and caption PNG; `mm caption` captions a
+    PNG; a damaged image, a text-only folder and a vqa run on a user folder are one-line errors; `--resume` goes on."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from deepsail.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "cap"
+    args = ["mm", "train", "--task", "caption", "--image-size", "32", "--decoder-preset", "deepseek-v3-debug"]
+    args += ["--decoder-layers", "1", "--batch-size", "4", "--eval-scenes", "10", "--vocab-size", "300"]
+    args += ["--log-every", "1", "--ckpt-every", "2", "--pool", "2", "--precision", "fp32", "--out", str(run)]
+    result = runner.invoke(app, [*args, "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (run / "model" / "mm_config.json").is_file() and (run / "captions_test.png").is_file()
+    report = json.loads((run / "mm_eval.json").read_text())
+    assert set(report) >= {"test", "heldout"} and 0 <= report["test"]["object_accuracy"] <= 1
+    result = runner.invoke(app, [*args, "--steps", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and "trained 3 steps" in result.output
+
+    png = tmp_path / "scene.png"
+    Image.fromarray(scenes.make_scenes(1, 0, "test")[0].render(48)).save(png)
+    result = runner.invoke(app, ["mm", "caption", str(run / "model"), str(png), "--max-tokens", "4"])
+    assert result.exit_code == 0 and result.output.startswith(f"{png}: "), result.output
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    for argv, expect in [
+        (["mm", "caption", str(run / "model"), str(bad)], "not an image"),
+        (["mm", "caption", str(tmp_path), str(png)], "not a deepsail multimodal model"),
+        (["mm", "train", "--task", "vqa", "--data", str(tmp_path), "--out", str(tmp_path / "v")], "needs questions"),
+        (["mm", "train", "--task", "ocr", "--out", str(tmp_path / "o")], "--task 'ocr'"),
+    ]:
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1 and "error:" in result.output and expect in result.output, result.output
+
+
+def test_mm_train_on_a_folder_and_init_vision(tmp_path):
+    """A user's images/ + captions.jsonl trains a clip model (and resumes); --init-vision copies a vision tower
+    exactly, and refuses one of another shape by name."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from deepsail.cli import app
+
+    data = tmp_path / "photos"
+    (data / "images").mkdir(parents=True)
+    lines = []
+    for i, scene in enumerate(scenes.make_scenes(12, 3, "test")):
+        Image.fromarray(scene.render(40)).save(data / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "caption": scene.caption}))
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    common = ["--image-size", "32", "--batch-size", "6", "--vocab-size", "300", "--precision", "fp32"]
+    result = runner.invoke(
+        app, ["mm", "train", "--data", str(data), *common, "--steps", "2", "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 0, result.output
+    donor, _ = models.load(tmp_path / "a" / "model")
+    result = runner.invoke(
+        app,
+        ["mm", "train", *common, "--task", "vqa", "--steps", "1", "--eval-scenes", "0", "--lr", "1e-9"]
+        + ["--init-vision", str(tmp_path / "a" / "model"), "--freeze-vision", "--out", str(tmp_path / "b")],
+    )
+    assert result.exit_code == 0, result.output
+    vqa, _ = models.load(tmp_path / "b" / "model")
+    for k, v in donor.vision.state_dict().items():
+        assert torch.equal(v, vqa.vision.state_dict()[k]), k  # copied, and frozen
+    result = runner.invoke(
+        app,
+        ["mm", "train", "--image-size", "64", "--steps", "1", "--init-vision", str(tmp_path / "a" / "model")]
+        + ["--out", str(tmp_path / "c")],
+    )
+    assert result.exit_code == 1 and "pass the same --vision-preset" in result.output, result.output

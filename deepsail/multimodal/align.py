@@ -18,6 +18,7 @@ Under torchrun (an initialised process group), each rank's embeddings are all-ga
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -70,20 +71,34 @@ class TextEncoder(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
+    def encode(self, x_BTD: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
+        """The blocks over any embedded sequence (fusion.py prepends image tokens), bidirectional, padding masked;
+        returns the final-normed states [B, T, D]."""
+        T = x_BTD.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"a text of {T} tokens exceeds the encoder's {self.config.max_position_embeddings}")
+        cos, sin = self.rotary(torch.arange(T, device=x_BTD.device))
+        ctx = AttentionContext(cos, sin, mask=real_BT.to(torch.bool)[:, None, None, :], causal=False)
+        for block in self.layers:
+            x_BTD = block(x_BTD, ctx)
+        return self.norm(x_BTD)
+
     def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T], mask [B, T] (1 = real token) -> (token states [B, T, D], pooled [B, D])."""
-        B, T = ids_BT.shape
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"text of {T} tokens exceeds the text encoder's {self.config.max_position_embeddings}")
-        real = mask_BT.to(torch.bool)
-        cos, sin = self.rotary(torch.arange(T, device=ids_BT.device))
-        ctx = AttentionContext(cos, sin, mask=real[:, None, None, :], causal=False)
-        x = self.embed_tokens(ids_BT)
-        for block in self.layers:
-            x = block(x, ctx)
-        x = self.norm(x)
-        weights = real.to(x.dtype)[..., None]
+        x = self.encode(self.embed_tokens(ids_BT), mask_BT)
+        weights = mask_BT.to(x.dtype)[..., None]
         return x, (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and mask [B, T] for the text encoder; texts over max_len tokens are cut."""
+    rows = [ids[:max_len] or [tokenizer.pad_id] for ids in tokenizer.encode_batch(list(texts))]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids, mask
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 
 from deepsail.model.config import ModelConfig
 from deepsail.model.layers import Linear
+from deepsail.model.loss import IGNORE_INDEX
 from deepsail.model.transformer import ModelOutput, Transformer
 from deepsail.multimodal.vision import VisionConfig, VisionEncoder
 
@@ -45,6 +46,9 @@ class ImagePrefix(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        # Each image token's place in the (pooled) grid: the decoder otherwise knows it only from the token's
+        # offset in the sequence, and a 2-D rotary ViT keeps positions in its attention, not in its features.
+        self.pos = nn.Parameter(torch.randn(self.num_tokens, width) * 0.02)
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +61,7 @@ class ImagePrefix(nn.Module):
             g = self.vision.config.grid
             grid = patches.transpose(1, 2).reshape(B, D, g, g)
             patches = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)
-        return self.connector(patches)
+        return self.connector(patches) + self.pos
 
 
 def expand_image_tokens(ids: Sequence[int], image_id: int, n: int) -> list[int]:
@@ -66,6 +70,24 @@ def expand_image_tokens(ids: Sequence[int], image_id: int, n: int) -> list[int]:
     for i in ids:
         out.extend([i] * n if i == image_id else [i])
     return out
+
+
+def chat_prompt(tokenizer: Any, image_id: int, n_tokens: int, prompt: str = CAPTION_PROMPT) -> list[int]:
+    """The generation prompt of a captioner: a user turn holding the image and `prompt`, then the assistant tag."""
+    ids = tokenizer.encode_chat([{"role": "user", "content": IMAGE_TOKEN + prompt}], add_generation_prompt=True)[0]
+    return expand_image_tokens(ids, image_id, n_tokens)
+
+
+def chat_example(tokenizer: Any, image_id: int, n_tokens: int, prompt: str, answer: str) -> tuple[list, list]:
+    """(input ids, next-token targets on the assistant's turn) of one image chat, the image expanded."""
+    messages = [{"role": "user", "content": IMAGE_TOKEN + prompt}, {"role": "assistant", "content": answer}]
+    ids, mask = tokenizer.encode_chat(messages)
+    out_ids, out_mask = [], []
+    for t, m in zip(ids, mask):
+        k = n_tokens if t == image_id else 1
+        out_ids += [t] * k
+        out_mask += [m] * k
+    return out_ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(out_ids[1:], out_mask[1:])]
 
 
 def splice_images(embeds_BTD: torch.Tensor, ids_BT: torch.Tensor, image_id: int, image_tokens: torch.Tensor) -> Any:

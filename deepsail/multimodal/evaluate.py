@@ -25,10 +25,11 @@ import torch
 import typer
 from torch import nn
 
+from deepsail.eval.metrics import map_at_r, recall_at_k
 from deepsail.files import atomic_write_json, atomic_write_text
 from deepsail.multimodal import models, scenes
-from deepsail.multimodal.align import ContrastiveModel
-from deepsail.multimodal.connector import CAPTION_PROMPT, Captioner
+from deepsail.multimodal.align import ContrastiveModel, encode_texts
+from deepsail.multimodal.connector import CAPTION_PROMPT, Captioner, chat_prompt
 from deepsail.multimodal.images import load_image, to_tensor
 
 KS = (1, 5, 10)
@@ -53,34 +54,12 @@ def quick_eval(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], ta
 
 
 # --- retrieval --------------------------------------------------------------------------------------------------------
-def recall_at(sim: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """sim[i, j]: query i against item j, the right item of query i being j = i. Recall@K: how often it ranks in the
-    top K (ties count against: rank = items scoring strictly higher)."""
-    right = np.diag(sim)[:, None]
-    rank = (sim > right).sum(axis=1)
-    return {f"R@{k}": float((rank < k).mean()) for k in ks}
-
-
-def map_at_r(sim: np.ndarray, relevant: np.ndarray) -> float:
-    """Mean average precision at R (Musgrave et al. 2020): per query, R = its number of relevant items, precision at
-    each relevant hit within the top R, averaged over R."""
-    scores = []
-    for i in range(len(sim)):
-        R = int(relevant[i].sum())
-        order = np.argsort(-sim[i], kind="stable")[:R]
-        hits = relevant[i, order]
-        scores.append(float((np.cumsum(hits) / np.arange(1, R + 1) * hits).sum() / R))
-    return float(np.mean(scores))
-
-
 def object_key(scene: scenes.Scene) -> tuple:
     return tuple(sorted((o.colour, o.shape) for o in scene.objects))
 
 
 @torch.no_grad()
 def embed_all(model: ContrastiveModel, images: np.ndarray, texts: list[str], tokenizer: Any, max_len: int, chunk=256):
-    from deepsail.multimodal.train import encode_texts
-
     dev = next(model.parameters()).device
     img = torch.cat(
         [model.encode_image(to_tensor(images[i : i + chunk]).to(dev)) for i in range(0, len(images), chunk)]
@@ -98,10 +77,11 @@ def eval_clip(model: ContrastiveModel, tokenizer: Any, cfg: models.MMConfig, gal
     img, txt = embed_all(model, images, captions, tokenizer, cfg.max_text_len)
     sim = img @ txt.T  # [images, captions]
     keys = [object_key(s) for s in gallery]
-    relevant = np.array([[a == b for b in keys] for a in keys])
+    same = torch.tensor([[a == b for b in keys] for a in keys])
+    exact, sims = torch.eye(len(gallery), dtype=torch.bool), torch.from_numpy(sim)
     return {
-        "image_to_text": recall_at(sim) | {"mAP@R": map_at_r(sim, relevant)},
-        "text_to_image": recall_at(sim.T) | {"mAP@R": map_at_r(sim.T, relevant)},
+        "image_to_text": recall_at_k(sims, exact, KS) | {"mAP@R": map_at_r(sims, same)},
+        "text_to_image": recall_at_k(sims.T, exact, KS) | {"mAP@R": map_at_r(sims.T, same)},
         "chance_R@1": 1 / len(gallery),
         "_sim": sim,
         "_images": images,
@@ -150,8 +130,6 @@ def _wrap(text: str, width: int) -> str:
 # --- vqa --------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def eval_vqa(model: nn.Module, tokenizer: Any, cfg: models.MMConfig, gallery: list[scenes.Scene], seed: int) -> dict:
-    from deepsail.multimodal.train import encode_texts
-
     rng = np.random.default_rng([seed, 99])
     dev = next(model.parameters()).device
     index = {a: i for i, a in enumerate(cfg.answers)}
@@ -188,7 +166,6 @@ def generate_captions(
 ) -> list[str]:
     """Greedy answers for images (uint8 [N, H, W, 3]) through the continuous-batching engine, as serving runs them."""
     from deepsail.infer.engine import Engine, EngineConfig, SamplingParams
-    from deepsail.multimodal.train import chat_prompt
 
     dev = next(model.parameters()).device
     engine = Engine(model.decoder, tokenizer, EngineConfig(max_batch_size=64, image_token_id=cfg.image_token_id))

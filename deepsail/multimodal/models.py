@@ -1,7 +1,7 @@
 """The three multimodal models as one saved format: build, save, load.
 
     task "clip"     ContrastiveModel (align.py): image + text towers into one space; retrieval
-    task "vqa"      VQAModel (fusion.py): cross-modal fusion + an answer head over `answers`
+    task "vqa"      VQAModel (fusion.py): single-stream cross-modal fusion + an answer head over `answers`
     task "caption"  Captioner (connector.py): image prefix + a deepsail decoder; captions and chat about an image
 
 A model folder, written atomically (`files.atomic_dir`):
@@ -44,7 +44,6 @@ class MMConfig:
     decoder: ModelConfig | None = None  # the captioner's decoder
     embed_dim: int = 128  # clip: the shared space
     answers: list[str] = field(default_factory=list)  # vqa: the answer head's classes, in order
-    fusion_layers: int = 2  # vqa
     image_token_id: int = -1  # caption: the placeholder id in the decoder's vocabulary
     pool: int = 1  # caption: p x p average pool of the patch grid before the connector
     max_text_len: int = 64  # clip, vqa: longest text the encoder reads (longer is an error, not a truncation)
@@ -65,7 +64,7 @@ class MMConfig:
             d["text"] = self.text.to_dict()
         d |= {"embed_dim": self.embed_dim, "max_text_len": self.max_text_len}
         if self.task == "vqa":
-            d |= {"answers": list(self.answers), "fusion_layers": self.fusion_layers}
+            d |= {"answers": list(self.answers)}
         if self.task == "caption":
             d |= {"image_token": IMAGE_TOKEN, "image_token_id": self.image_token_id, "pool": self.pool}
         return d
@@ -81,7 +80,6 @@ class MMConfig:
             decoder=decoder,
             embed_dim=d.get("embed_dim", 128),
             answers=list(d.get("answers", [])),
-            fusion_layers=d.get("fusion_layers", 2),
             image_token_id=d.get("image_token_id", -1),
             pool=d.get("pool", 1),
             max_text_len=d.get("max_text_len", 64),
@@ -96,7 +94,7 @@ def build(cfg: MMConfig) -> nn.Module:
     if cfg.task == "clip":
         return ContrastiveModel(cfg.vision, cfg.text, cfg.embed_dim)
     if cfg.task == "vqa":
-        return VQAModel(cfg.vision, cfg.text, len(cfg.answers), cfg.fusion_layers)
+        return VQAModel(cfg.vision, cfg.text, len(cfg.answers))
     return Captioner(cfg.vision, cfg.decoder, cfg.image_token_id, cfg.pool)
 
 

@@ -33,8 +33,8 @@ from deepsail.flags import Options, knob, options
 from deepsail.model.config import ModelConfig
 from deepsail.model.loss import IGNORE_INDEX
 from deepsail.multimodal import models, scenes
-from deepsail.multimodal.align import text_config
-from deepsail.multimodal.connector import CAPTION_PROMPT, IMAGE_TOKEN, Captioner, expand_image_tokens
+from deepsail.multimodal.align import encode_texts, text_config
+from deepsail.multimodal.connector import CAPTION_PROMPT, IMAGE_TOKEN, Captioner, chat_example
 from deepsail.multimodal.images import load_folder, load_image, to_tensor
 from deepsail.multimodal.vision import VisionConfig
 from deepsail.precision import resolve_device
@@ -48,6 +48,7 @@ class MMTrainConfig:
     data: str = knob("scenes", "'scenes' (the embedded procedural scenes) or a folder of images/ + captions.jsonl.")
     vision_preset: str = knob("vit-tiny", "Image encoder size: vit-tiny or vit-small.")
     text_preset: str = knob("text-tiny", "Text encoder size (clip, vqa): text-tiny or text-small.")
+    text_layers: int = knob(0, "Text encoder blocks, overriding the preset's (vqa fuses in them); 0 = the preset's.")
     decoder_preset: str = knob("deepseek-v3-mini", "Caption decoder: a deepsail preset, resized by --decoder-layers.")
     decoder_layers: int = knob(4, "Caption decoder blocks.")
     image_size: int = knob(64, "Image side in pixels (images are resized to it).")
@@ -56,7 +57,6 @@ class MMTrainConfig:
     window_sizes: str = knob("", "Dynamic window attention: candidate tiles in patches, e.g. '2,4' ('' = off).")
     fuse_layers: str = knob("", "Hierarchical fusion: ViT blocks whose outputs are fused, e.g. '1,3' ('' = off).")
     embed_dim: int = knob(128, "clip: the shared embedding width.")
-    fusion_layers: int = knob(2, "vqa: cross-modal fusion layers.")
     questions: int = knob(4, "vqa: questions per image in a batch (they share one pass of the vision encoder).")
     pool: int = knob(1, "caption: average-pool the patch grid by this factor before the connector.")
     caption_questions: float = knob(0.3, "caption: fraction of examples that ask a question instead.")
@@ -70,6 +70,8 @@ class MMTrainConfig:
     def validate(self) -> None:
         if self.task not in models.TASKS:
             raise ValueError(f"--task {self.task!r}: choose one of {list(models.TASKS)}")
+        if self.text_layers < 0 or self.decoder_layers < 1:
+            raise ValueError("--text-layers must be >= 0 (0 = the preset's) and --decoder-layers >= 1")
         if self.questions < 1:
             raise ValueError(f"--questions must be >= 1, got {self.questions}")
         if not 0 <= self.caption_questions <= 1 or not 0 <= self.paraphrase <= 1:
@@ -119,35 +121,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, image_token: bool) ->
     if image_token:
         tok.add_special_tokens([IMAGE_TOKEN])
     return tok
-
-
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and mask [B, T] for the text encoder; texts over max_len tokens are cut."""
-    rows = [ids[:max_len] or [tokenizer.pad_id] for ids in tokenizer.encode_batch(list(texts))]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids, mask
-
-
-def chat_prompt(tokenizer: Any, image_id: int, n_tokens: int, prompt: str = CAPTION_PROMPT) -> list[int]:
-    """The generation prompt of a captioner: a user turn holding the image and `prompt`, then the assistant tag."""
-    ids = tokenizer.encode_chat([{"role": "user", "content": IMAGE_TOKEN + prompt}], add_generation_prompt=True)[0]
-    return expand_image_tokens(ids, image_id, n_tokens)
-
-
-def chat_example(tokenizer: Any, image_id: int, n_tokens: int, prompt: str, answer: str) -> tuple[list, list]:
-    """(input ids, next-token targets on the assistant's turn) of one image chat, the image expanded."""
-    messages = [{"role": "user", "content": IMAGE_TOKEN + prompt}, {"role": "assistant", "content": answer}]
-    ids, mask = tokenizer.encode_chat(messages)
-    out_ids, out_mask = [], []
-    for t, m in zip(ids, mask):
-        k = n_tokens if t == image_id else 1
-        out_ids += [t] * k
-        out_mask += [m] * k
-    return out_ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(out_ids[1:], out_mask[1:])]
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -285,14 +258,17 @@ def build_config(mcfg: MMTrainConfig, tokenizer: Any, answers: Sequence[str] = (
         )
         image_id = tokenizer._tok.token_to_id(IMAGE_TOKEN)
         return models.MMConfig("caption", vision, decoder=decoder, image_token_id=image_id, pool=mcfg.pool)
-    text = text_config(mcfg.text_preset, tokenizer.vocab_size, mcfg.max_text_len)
+    # a vqa encoder reads the image's tokens before the question (fusion.py)
+    room = mcfg.max_text_len + (vision.num_patches if mcfg.task == "vqa" else 0)
+    text = text_config(mcfg.text_preset, tokenizer.vocab_size, room)
+    if mcfg.text_layers:
+        text = text.replace(num_hidden_layers=mcfg.text_layers)
     return models.MMConfig(
         mcfg.task,
         vision,
         text=text,
         embed_dim=mcfg.embed_dim,
         answers=list(answers),
-        fusion_layers=mcfg.fusion_layers,
         max_text_len=mcfg.max_text_len,
     )
 
@@ -394,7 +370,6 @@ def mm_train(cfg: TrainConfig, mcfg: MMTrainConfig, resume: bool = False) -> Tra
         skip=("data", "model_preset", "tokenizer", "arch", "init", "seq_len", "dp_replicate", "dp_shard", "ep", "tp"),
         defaults={
             "out": "runs/mm",
-            "steps": None,
             "minutes": 15.0,
             "batch_size": 128,
             "lr": 1e-3,
@@ -412,6 +387,7 @@ def mm_train_command(
     cfg: TrainConfig,
     mcfg: MMTrainConfig,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    given: frozenset[str] = frozenset(),
 ) -> None:
     """Train a multimodal model on the embedded procedural scenes or a folder of images/ + captions.jsonl: CLIP-style
     contrastive retrieval, VQA with cross-modal fusion, or LLaVA-style captioning with a deepsail decoder. Writes
@@ -425,6 +401,8 @@ def mm_train_command(
       deepsail mm train --task caption --init-vision runs/clip/model --out runs/cap
       deepsail mm train --task clip --data my_photos/ --image-size 96 --out runs/photos
     """
+    if "steps" not in given:  # a time budget (15 minutes unless --minutes says otherwise) ends the run
+        cfg = replace(cfg, steps=None)
     result = mm_train(cfg, mcfg, resume=resume)
     line = f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min -> {Path(cfg.out) / 'model'}"
     typer.echo(line)
