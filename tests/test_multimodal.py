@@ -368,7 +368,7 @@ def test_mm_train_on_a_folder_and_init_vision(tmp_path):
     donor, _ = models.load(tmp_path / "a" / "model")
     result = runner.invoke(
         app,
-        ["mm", "train", *common, "--task", "vqa", "--steps", "1", "--eval-scenes", "0", "--lr", "1e-9"]
+        ["mm", "train", *common, "--task", "vqa", "--steps", "1", "--eval-scenes", "0", "--lr", "1e-9", "--min-lr", "0"]
         + ["--init-vision", str(tmp_path / "a" / "model"), "--freeze-vision", "--out", str(tmp_path / "b")],
     )
     assert result.exit_code == 0, result.output
@@ -381,3 +381,38 @@ def test_mm_train_on_a_folder_and_init_vision(tmp_path):
         + ["--out", str(tmp_path / "c")],
     )
     assert result.exit_code == 1 and "pass the same --vision-preset" in result.output, result.output
+
+
+def _gather_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    img, txt = (
+        F.normalize(torch.randn(8, 16, generator=g), dim=-1),
+        F.normalize(torch.randn(8, 16, generator=g), dim=-1),
+    )
+    mine_img = img[4 * rank : 4 * rank + 4].clone().requires_grad_()
+    mine_txt = txt[4 * rank : 4 * rank + 4].clone().requires_grad_()
+    loss = contrastive_loss(mine_img, mine_txt, torch.tensor(2.0))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": mine_img.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_contrastive_loss_gathers_across_ranks(tmp_path):
+    """Under a process group, each rank's loss is the global batch's (its negatives are every rank's rows) and the
+    gradient reaching its own rows is the global loss's, summed over the ranks that computed it (open_clip's
+    gather_with_grad, as DDP then averages it)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    want = contrastive_loss(img, txt, torch.tensor(2.0))
+    want.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        torch.testing.assert_close(got["loss"], want.detach())
+        torch.testing.assert_close(got["grad"], 2 * img.grad[4 * rank : 4 * rank + 4])

@@ -72,6 +72,8 @@ class MMTrainConfig:
             raise ValueError(f"--task {self.task!r}: choose one of {list(models.TASKS)}")
         if self.text_layers < 0 or self.decoder_layers < 1:
             raise ValueError("--text-layers must be >= 0 (0 = the preset's) and --decoder-layers >= 1")
+        if self.task == "vqa" and self.data != "scenes":
+            raise ValueError("--task vqa needs questions with answers: train it on --data scenes")
         if self.questions < 1:
             raise ValueError(f"--questions must be >= 1, got {self.questions}")
         if not 0 <= self.caption_questions <= 1 or not 0 <= self.paraphrase <= 1:
@@ -299,8 +301,6 @@ def make_batches(mcfg: MMTrainConfig, cfg: TrainConfig, split: str, seed: int) -
             questions=mcfg.questions if mcfg.task == "vqa" else 1 if mcfg.task == "caption" else 0,
             paraphrase=mcfg.paraphrase if mcfg.task == "clip" else 0.0,
         )
-    if mcfg.task == "vqa":
-        raise ValueError("--task vqa needs questions with answers: train it on --data scenes")
     return FolderPairs(mcfg.data, mcfg.image_size, cfg.batch_size, seed, split)
 
 
