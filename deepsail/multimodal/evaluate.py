@@ -220,6 +220,19 @@ def eval_caption(model: Captioner, tokenizer: Any, cfg: models.MMConfig, gallery
     return out
 
 
+def eval_chat_vqa(model: Captioner, tokenizer: Any, cfg: models.MMConfig, gallery: list[scenes.Scene], seed: int):
+    """The captioner asked the scenes' questions (3 each) as image chats, greedy: exact-answer accuracy per kind."""
+    rng = np.random.default_rng([seed, 99])
+    asked = [(i, q) for i, s in enumerate(gallery) for q in s.questions(rng, 3)]
+    images = np.stack([gallery[i].render(cfg.vision.image_size) for i, _ in asked])
+    answers = generate_captions(model, tokenizer, cfg, images, [q.text for _, q in asked], max_tokens=8)
+    right: dict[str, list[bool]] = {}
+    for (_, q), a in zip(asked, answers):
+        right.setdefault(q.kind, []).append(a == q.answer)
+    every = [x for v in right.values() for x in v]
+    return {"accuracy": float(np.mean(every)), "per_kind": {k: float(np.mean(v)) for k, v in sorted(right.items())}}
+
+
 def plot_captions(images: np.ndarray, hyps: list[str], refs: list[str], path: Path, n: int = 8) -> Path:
     import matplotlib
 
@@ -262,6 +275,7 @@ def evaluate_model(folder: str | Path, out: str | Path, gallery: int = 1000, see
             r = eval_vqa(model, tokenizer, cfg, g, seed)
         else:
             r = eval_caption(model, tokenizer, cfg, g)
+            r["chat_vqa"] = eval_chat_vqa(model, tokenizer, cfg, g, seed)
             if split == "test":
                 pngs.append(plot_captions(r["_images"], r["_hyps"], [s.caption for s in g], out / "captions_test.png"))
         results[split] = {k: v for k, v in r.items() if not k.startswith("_")}
@@ -323,6 +337,16 @@ def write_report(out: Path, results: dict[str, Any], pngs: list[Path]) -> Path:
             lines.append(
                 f"| {split} | {r['exact_match']:.3f} | {r['object_accuracy']:.3f} | {r['object_recall']:.3f} | "
                 f"{'-' if held is None else f'{held:.3f}'} | {b} |"
+            )
+        kinds = list(results["test"]["chat_vqa"]["per_kind"])
+        lines += ["", "Asked the scenes' questions in the chat (3 per scene), exact answers:", ""]
+        lines += ["| gallery | all | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for split in ("test", "heldout"):
+            v = results[split]["chat_vqa"]
+            lines.append(
+                f"| {split} | {v['accuracy']:.3f} | "
+                + " | ".join(f"{v['per_kind'].get(k, 0):.3f}" for k in kinds)
+                + " |"
             )
         lines += ["", "| reference | generated |", "|---|---|"]
         lines += [f"| {s['reference']} | {s['generated']} |" for s in results["test"]["samples"]]
