@@ -9,9 +9,10 @@ Per task:
               relevant when its scene holds the same multiset of colour-shape objects (R = their count, so mAP@R
               asks how well the whole neighbourhood is ranked, not only the exact match); PNG of top-5 retrievals
     vqa       accuracy overall and per question kind, and the mean modality weight per kind
-    caption   greedy captions through the serving engine (infer/engine.py, image embeddings in the placeholders):
-              exact match, corpus BLEU (sacrebleu, the eval extra), and object accuracy (parse_caption: the
-              caption names exactly the scene's objects, sizes and cells); PNG of images with their captions
+    caption   greedy captions through the serving engine (infer/engine.py, image embeddings in the placeholders),
+              on at most 200 scenes per gallery (each is a generation): exact match, objects named right
+              (parse_caption), held-out pairs named, corpus BLEU (sacrebleu, the eval extra), and the scenes'
+              questions asked as image chats; PNG of images with their captions
 """
 
 from __future__ import annotations

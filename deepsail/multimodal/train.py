@@ -320,12 +320,12 @@ def mm_train(cfg: TrainConfig, mcfg: MMTrainConfig, resume: bool = False) -> Tra
         tokenizer = train_tokenizer(texts, mcfg.vocab_size, image_token=mcfg.task == "caption")
     answers = list(scenes.ANSWERS) if mcfg.task == "vqa" else []
     mm_cfg = build_config(mcfg, tokenizer, answers)
-    model = models.build(mm_cfg)
     if resume_from is not None:
-        model, _ = models.load(resume_from)
-        model.train()
-    elif mcfg.init_vision:
-        init_vision(model, mcfg.init_vision)
+        model = models.load(resume_from)[0].train()
+    else:
+        model = models.build(mm_cfg)
+        if mcfg.init_vision:
+            init_vision(model, mcfg.init_vision)
     if mcfg.freeze_vision:
         vision_of(model).requires_grad_(False)
     extra: dict[str, Any] = {}
