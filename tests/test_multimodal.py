@@ -383,10 +383,12 @@ def test_mm_train_on_a_folder_and_init_vision(tmp_path):
     assert result.exit_code == 1 and "pass the same --vision-preset" in result.output, result.output
 
 
-def _gather_worker(rank: int, store: str, out: str) -> None:
+def _gather_worker(out: str) -> None:
+    """One torchrun rank of the test below: the global batch's first or second half."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)
     img, txt = (
         F.normalize(torch.randn(8, 16, generator=g), dim=-1),
@@ -397,6 +399,7 @@ def _gather_worker(rank: int, store: str, out: str) -> None:
     loss = contrastive_loss(mine_img, mine_txt, torch.tensor(2.0))
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": mine_img.grad}, f"{out}.{rank}")
+    dist.barrier()  # neither rank tears the group down while the other is still in a collective
     dist.destroy_process_group()
 
 
@@ -404,9 +407,14 @@ def test_contrastive_loss_gathers_across_ranks(tmp_path):
     """Under a process group, each rank's loss is the global batch's (its negatives are every rank's rows) and the
     gradient reaching its own rows is the global loss's, summed over the ranks that computed it (open_clip's
     gather_with_grad, as DDP then averages it)."""
-    import torch.multiprocessing as mp
+    import os
+    import subprocess
+    import sys
 
-    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*cmd, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
@@ -416,3 +424,9 @@ def test_contrastive_loss_gathers_across_ranks(tmp_path):
         got = torch.load(tmp_path / f"out.{rank}")
         torch.testing.assert_close(got["loss"], want.detach())
         torch.testing.assert_close(got["grad"], 2 * img.grad[4 * rank : 4 * rank + 4])
+
+
+if __name__ == "__main__":  # a torchrun rank of test_contrastive_loss_gathers_across_ranks
+    import sys
+
+    _gather_worker(sys.argv[1])

@@ -107,9 +107,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    # backward: a reduce-scatter, so each rank's rows get the gradient of every rank's (identical) loss, summed
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def contrastive_loss(
