@@ -90,7 +90,9 @@ def chat_example(tokenizer: Any, image_id: int, n_tokens: int, prompt: str, answ
     return out_ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(out_ids[1:], out_mask[1:])]
 
 
-def splice_images(embeds_BTD: torch.Tensor, ids_BT: torch.Tensor, image_id: int, image_tokens: torch.Tensor) -> Any:
+def splice_images(
+    embeds_BTD: torch.Tensor, ids_BT: torch.Tensor, image_id: int, image_tokens: torch.Tensor
+) -> torch.Tensor:
     """Put `image_tokens` [M, N', D] (one image per M, in reading order over the batch) into the placeholder rows."""
     slots = ids_BT == image_id
     need = int(slots.sum())

@@ -23,7 +23,7 @@ beside the high block's object-level features (as FPN/ViTDet read several stages
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -54,7 +54,6 @@ class VisionConfig:
     window_layers: tuple[int, ...] = ()  # which blocks window; () with window_sizes = every block but the last
     fuse_layers: tuple[int, ...] = ()  # blocks whose outputs are fused; () = the last block's alone
     norm_eps: float = 1e-6
-    extra: dict[str, Any] = field(default_factory=dict)  # room for a caller's bookkeeping, saved verbatim
 
     def __post_init__(self) -> None:
         self.window_sizes, self.window_layers = tuple(self.window_sizes), tuple(self.window_layers)
