@@ -33,9 +33,9 @@ from torch import nn
 from deepsail.model.layers import MLP, Linear, RMSNorm, apply_rope
 
 VISION_PRESETS: dict[str, dict[str, Any]] = {
-    # ~0.9M parameters: the tests' size, and enough for the procedural scenes at 64 px
+    # 0.78M parameters: enough for the procedural scenes at 64 px (the full runs in README use it)
     "vit-tiny": dict(hidden_size=128, num_layers=4, num_heads=4),
-    # ~4.8M parameters: the full run's size (multimodal/README figures)
+    # 4.9M parameters: for larger images or a user's own data
     "vit-small": dict(hidden_size=256, num_layers=6, num_heads=8),
 }
 
