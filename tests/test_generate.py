@@ -341,14 +341,14 @@ def test_compiled_decode_is_greedy_identical_in_generate_and_the_engine():
     many_eager = [g.token_ids for g in generate(model, None, many, params)]
     step = enable_compiled_decode(model)
     assert [g.token_ids for g in generate(model, None, prompts, params)] == eager
-    assert step.steps == 11  # every step after the prefill ran compiled
+    assert step.runs["step"] == 11  # every step after the prefill ran compiled
     longer = SamplingParams(max_tokens=20, **GREEDY)  # another cache size: the same graph (pool dims are dynamic)
     assert [g.token_ids[:12] for g in generate(model, None, prompts, longer)] == eager
     engine = Engine(model, None, EngineConfig(block_size=4, num_blocks=64, compile_decode=True))
     handles = [engine.submit(p, params) for p in prompts]
     engine.run_until_idle()
     assert [h.result(timeout=0)[1] for h in handles] == eager
-    assert step.steps > 30  # the engine's decode-only steps ran compiled too
+    assert step.runs["step"] > 30  # the engine's decode-only steps ran compiled too
     # Batches past the few-row route's limit (layers.SMALL_ROWS) replay their own graph, also token-identical.
     handles = [engine.submit(p, params) for p in many]
     engine.run_until_idle()
@@ -360,3 +360,25 @@ def test_compiled_decode_is_greedy_identical_in_generate_and_the_engine():
         model(ids, cache=cache)
         assert step(ids[:, :1], cache, torch.tensor([1, 0])) is None
         assert step(ids, cache) is None
+
+
+def test_compiled_speculation_is_greedy_identical_in_generate_and_the_engine():
+    """The verify forward ([t_n, d_1..d_k] per row) and the MTP's catch-up and drafts run their own graphs; a mixed
+    acceptance (some drafts kept, some not) gives the plain eager greedy tokens in generate and in the engine."""
+    from deepsail.infer import Engine, EngineConfig
+    from deepsail.infer.graphs import enable_compiled_decode
+
+    m = bigram_model(0.5)
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    plain = [g.token_ids for g in generate(m, None, PROMPTS, params)]
+    step = enable_compiled_decode(m)
+    spec = generate(m, None, PROMPTS, params, speculative=2)
+    assert [g.token_ids for g in spec] == plain
+    assert 0 < sum(g.accepted_tokens for g in spec) < sum(g.draft_tokens for g in spec)
+    assert step.runs["hidden"] > 0 and step.runs["mtp"] > 0
+    before = dict(step.runs)
+    engine = Engine(m, None, EngineConfig(block_size=4, num_blocks=128, speculative=2, compile_decode=True))
+    handles = [engine.submit(p, params) for p in PROMPTS]
+    engine.run_until_idle()
+    assert [h.result(timeout=0)[1] for h in handles] == plain
+    assert step.runs["hidden"] > before["hidden"] and step.runs["mtp"] > before["mtp"]

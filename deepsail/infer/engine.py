@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from deepsail.infer.blocks import BlockAllocator
-from deepsail.infer.graphs import decode_logits, enable_compiled_decode
+from deepsail.infer.graphs import compiled_hidden, decode_logits, enable_compiled_decode
 from deepsail.infer.sampling import (
     FINISH_ABORT,
     DecodeState,
@@ -526,7 +527,15 @@ class Engine:
         hidden = None
         ids_t = torch.tensor(ids, device=dev)
         embeds = self._image_embeds(batch, ids_t)
-        if T == 1 and embeds is None and not scoring and not self.adapters and not self.speculative:
+        plain = embeds is None and not scoring and not self.adapters
+        if plain and self.speculative and T <= 1 + self.speculative:
+            # Decode rows, some feeding drafts: the compiled graph where enabled. Feeds of 2..k+1 tokens are padded to
+            # k + 1 (the rows' lengths say what is real), so one graph serves them rather than one per width.
+            width = 1 if T == 1 else 1 + self.speculative
+            hidden = compiled_hidden(self.model, F.pad(ids_t, (0, width - T)), cache, feed)
+        if hidden is not None:
+            logits = self.model.logits_of(hidden[torch.arange(len(batch), device=dev), feed - 1])
+        elif T == 1 and plain and not self.speculative:
             logits = decode_logits(self.model, ids_t, cache, feed)  # decode-only: compiled if enabled
         else:
             with rows:

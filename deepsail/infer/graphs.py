@@ -12,9 +12,13 @@ of 2..SMALL_ROWS and larger ones are two more). The MoE layers take the gather r
 each token through its own top-k experts, static shapes), and few-row products the weight-major route `Linear`
 takes eagerly.
 
-It applies to a plain model in eval mode (no LoRA, no quantized layers: their wrappers are their own code) when
-every row feeds exactly one token; anything else (a prefill, a finished row feeding nothing) runs eager, and a
-full cache raises the eager forward's overflow error. Greedy output is identical to eager (tests/test_generate.py).
+Speculative decoding (generate's and the engine's) runs through two more graphs of the same kind: `hidden`, rows
+of up to MAX_TOKENS tokens each (the verify forward over [t_n, d_1..d_k]) -> the last block's output, and `mtp`,
+the MTP module's catch-up and drafting steps. Each new feed length T is one more graph (k + 1 and 1 in practice).
+
+It applies to a plain model in eval mode (no LoRA, no quantized layers: their wrappers are their own code) in the
+decode phase: something cached in every row and a short feed (a prefill runs eager), and a full cache raises the
+eager forward's overflow error. Greedy output, speculative included, is identical to eager (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -34,61 +38,114 @@ def _plain(model: nn.Module) -> bool:
     return all(type(m).__module__.startswith(("deepsail.model", "torch.nn")) for m in model.modules())
 
 
-def _step(model: nn.Module, ids_B1: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    x = model.embed_tokens(ids_B1)
+# Rows feeding at most this many tokens each (a speculative verify of k drafts, the MTP's catch-up over them) run
+# through the token graphs; a longer feed is a prefill and runs eager.
+MAX_TOKENS = 8
+
+
+def _hidden(model: nn.Module, ids_BT: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    x = model.embed_tokens(ids_BT)
     for block in model.layers:
         x = block(x, ctx)
-    return model.logits_of(x)[:, -1]
+    return x
+
+
+def _step(model: nn.Module, ids_B1: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    return model.logits_of(_hidden(model, ids_B1, ctx))[:, -1]
+
+
+def _mtp(model: nn.Module, hidden_BTD: torch.Tensor, next_BT: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    return model.mtp[0](hidden_BTD, model.embed_tokens(next_BT), ctx)
 
 
 class CompiledDecode:
-    """See the module docstring. One per model; `__call__` returns None where the compiled step does not apply."""
+    """See the module docstring. One per model; each call returns None where its graph does not apply (eager then).
+
+    `__call__`: one token per row -> next-token logits [B, V] (plain decoding). `hidden`: up to MAX_TOKENS per row
+    -> the last block's output [B, T, D] (speculation's verify). `mtp`: the MTP module's catch-up -> its states."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.ok = _plain(model)
-        self._compiled: Any = None
+        self._graphs: dict[str, Any] = {}
         self._marked_pool: Any = None
-        self.steps = 0  # decode steps that ran compiled (for tests and benchmarks)
+        self.runs = {"step": 0, "hidden": 0, "mtp": 0}  # forwards each graph ran (for tests and benchmarks)
 
     def applies(self, ids: torch.Tensor, cache: KVCache | None, input_lens: torch.Tensor | None) -> bool:
+        """A decode-phase forward: something cached in every row, every row one token (`__call__`) or a few."""
         return (
             self.ok
             and cache is not None
-            and ids.shape[1] == 1
+            and ids.shape[1] <= MAX_TOKENS
             and not self.model.training
             and not torch.is_grad_enabled()
-            and (input_lens is None or bool((input_lens == 1).all()))
-            and int(cache.lens.min()) > 0  # something cached in every row: a decode step, not a prefill
+            and int(cache.lens.min()) > 0  # not a prefill
         )
 
     def __call__(
         self, ids_B1: torch.Tensor, cache: KVCache | None, input_lens: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        if not self.applies(ids_B1, cache, input_lens):
+        one = ids_B1.shape[1] == 1 and (input_lens is None or bool((input_lens == 1).all()))
+        if not one or not self.applies(ids_B1, cache, input_lens):
             return None
+        return self._run("step", _step, ids_B1, cache, input_lens)
+
+    def hidden(
+        self, ids_BT: torch.Tensor, cache: KVCache | None, input_lens: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """[B, T, D] as `model(..., return_hidden=True).hidden`, cache.lens advanced by input_lens (default T)."""
+        if not self.applies(ids_BT, cache, input_lens):
+            return None
+        return self._run("hidden", _hidden, ids_BT, cache, input_lens)
+
+    def mtp(
+        self, hidden_BTD: torch.Tensor, next_BT: torch.Tensor, cache: KVCache, lens_B: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The MTP module's states as `speculative.mtp_catch_up` computes them; the caller advances cache.lens."""
+        if len(getattr(self.model, "mtp", ())) == 0 or not self.applies(next_BT, cache, lens_B):
+            return None
+        return self._run("mtp", _mtp, next_BT, cache, lens_B, hidden_BTD, advance=False)
+
+    def _run(
+        self,
+        name: str,
+        fn: Any,
+        ids_BT: torch.Tensor,
+        cache: KVCache,
+        input_lens: torch.Tensor | None,
+        *extra: torch.Tensor,
+        advance: bool = True,
+    ) -> torch.Tensor:
+        B, T = ids_BT.shape
         # The context is the eager forward's own (positions, slots, mask; a full cache raises its overflow error),
         # made outside the graph: its sizes come from the cache's lengths.
-        ctx = self.model.attention_context(ids_B1.shape[0], 1, ids_B1.device, cache, None)
-        if self._compiled is None:
+        ctx = self.model.attention_context(B, T, ids_BT.device, cache, input_lens)
+        if name not in self._graphs:
             weight_major_wins()  # measured eagerly, read by the traced code
-            self._compiled = torch.compile(_step, dynamic=False)
+            self._graphs[name] = torch.compile(fn, dynamic=False)
         torch._dynamo.mark_dynamic(ctx.read_slots, 1)  # the key length: one graph as the context grows
         torch._dynamo.mark_dynamic(ctx.mask, 3)
         if cache.pool is not self._marked_pool:  # and one for every pool size (each generate() makes its own)
             for store in cache.pool.k + (cache.pool.v or []):
                 torch._dynamo.mark_dynamic(store, 0)
             self._marked_pool = cache.pool
-        if ids_B1.shape[0] > 1:
+        if B > 1:
             # maybe_: the batch dim may be specialised into ranges (few-row products take the weight-major route up
             # to SMALL_ROWS rows where it wins, `layers.linear`), giving a graph per range; mark_dynamic would make
             # that guard an error (ConstraintViolationError at batch 64 in GRPO rollouts, on this Intel CPU).
-            for t in (ids_B1, ctx.cos, ctx.sin, ctx.write_slots, ctx.write_rows, ctx.read_slots, ctx.mask):
+            for t in (ids_BT, ctx.cos, ctx.sin, ctx.read_slots, ctx.mask, *extra):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        logits = self._compiled(self.model, ids_B1, ctx)
-        cache.lens += 1
-        self.steps += 1
-        return logits
+        if B > 1 or T > 1:  # the tokens written: B x T less the rows' padding
+            for t in (ctx.write_slots, ctx.write_rows):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if name == "mtp":
+            out = self._graphs[name](self.model, extra[0], ids_BT, ctx)
+        else:
+            out = self._graphs[name](self.model, ids_BT, ctx)
+        if advance:
+            cache.lens += T if input_lens is None else input_lens
+        self.runs[name] += 1
+        return out
 
 
 def enable_compiled_decode(model: nn.Module) -> CompiledDecode:
@@ -98,6 +155,15 @@ def enable_compiled_decode(model: nn.Module) -> CompiledDecode:
         step = CompiledDecode(model)
         model.compiled_decode = step
     return step
+
+
+def compiled_hidden(
+    model: nn.Module, ids: torch.Tensor, cache: KVCache, input_lens: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The last block's output [B, T, D] for feeding `ids` (a few tokens per row) into `cache`, from the compiled
+    graph where it is enabled and applies; None otherwise (the caller runs its eager forward)."""
+    step = getattr(model, "compiled_decode", None)
+    return step.hidden(ids, cache, input_lens) if step is not None else None
 
 
 def decode_logits(

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from deepsail.infer.batching import model_device, pad_rows
+from deepsail.infer.graphs import compiled_hidden
 from deepsail.infer.sampling import DecodeState, probs_of, sample_from_probs
 from deepsail.model import KVCache, Transformer
 
@@ -51,10 +52,12 @@ def mtp_catch_up(
     """The MTP module over row b's first lens_B[b] positions: (main hidden h_i, token t_{i+1}) -> its own hidden
     states [B, T, D], written to its KV layer at cache.lens (advanced). No head: callers take logits only where they
     draft (`mtp_logits`), not over a whole prefill chunk."""
-    module = model.mtp[0]
-    B, T = next_BT.shape
-    ctx = model.attention_context(B, T, hidden_BTD.device, cache, lens_B)
-    h = module(hidden_BTD, model.embed_tokens(next_BT), ctx)
+    step = getattr(model, "compiled_decode", None)  # infer/graphs.py, where enabled: the same numbers, one graph
+    h = step.mtp(hidden_BTD, next_BT, cache, lens_B) if step is not None else None
+    if h is None:
+        B, T = next_BT.shape
+        ctx = model.attention_context(B, T, hidden_BTD.device, cache, lens_B)
+        h = model.mtp[0](hidden_BTD, model.embed_tokens(next_BT), ctx)
     cache.lens += lens_B
     return h
 
@@ -172,8 +175,12 @@ def speculative_decode(
 
         # 2. verify all k drafts (and get one more token) with one main forward
         before = cache.lens.clone()
-        out = model(torch.cat((current[:, None], D), 1), cache=cache, input_lens=(k + 1) * one, return_hidden=True)
-        P = probs_of(out.logits.flatten(0, 1), [s.params for s in states for _ in range(k + 1)]).view(B, k + 1, -1)
+        fed, fed_lens = torch.cat((current[:, None], D), 1), (k + 1) * one
+        hidden = compiled_hidden(model, fed, cache, fed_lens)
+        if hidden is None:
+            hidden = model(fed, cache=cache, input_lens=fed_lens, last_logits_only=True, return_hidden=True).hidden
+        logits = model.logits_of(hidden)
+        P = probs_of(logits.flatten(0, 1), [s.params for s in states for _ in range(k + 1)]).view(B, k + 1, -1)
         m, current = accept(P, Q, D, k_B, torch.zeros(B, k + 1, device=device))
 
         # 3. emit d_1..d_m, then the token after them; stop rules may end a row part-way
@@ -191,7 +198,6 @@ def speculative_decode(
         # 4. roll back the main cache to the accepted tokens; next catch-up covers positions n..n+m
         cache.lens.copy_(before + (1 + m) * one)
         nxt = torch.cat((D, torch.zeros_like(D[:, :1])), 1).scatter_(1, m[:, None], current[:, None])
-        hidden = out.hidden
         alive = torch.tensor([not s.done for s in states], device=device)
         feed = (m + 1) * alive
     return drafted, accepted
