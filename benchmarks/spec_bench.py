@@ -3,6 +3,7 @@
     deepsail run --out runs/v3                      # a model trained with MTP (random MTP weights accept ~nothing)
     python benchmarks/spec_bench.py runs/v3         # batch 1 and 4, drafting k = 1 and 2
     python benchmarks/spec_bench.py runs/v3 --quick
+    python benchmarks/spec_bench.py runs/v3 --compile   # both sides through infer/graphs.py's compiled steps
 
 Prompts are the openings of held-out files of the embedded corpus (the validation split `deepsail run` never
 trained on), so acceptance is measured on text the model has not memorised. For each batch size and draft length k
@@ -18,6 +19,7 @@ Goal (from the issue): speculation >= 1.5x plain decode where acceptance allows.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,6 +27,7 @@ import torch
 
 from deepsail.data import default_corpus
 from deepsail.infer import generate, load
+from deepsail.infer.graphs import enable_compiled_decode
 
 
 def prompts_from_val(tokenizer, n: int, prompt_tokens: int) -> list[list[int]]:
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--draft", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and rounds")
+    parser.add_argument("--compile", action="store_true", help="plain and speculative decode steps compiled")
     args = parser.parse_args()
     rounds = 2 if args.quick else 3
     n_prompts = 4 if args.quick else args.prompts
@@ -49,10 +53,13 @@ def main() -> None:
     model, tokenizer = load(args.checkpoint)
     if not len(model.mtp):
         raise SystemExit(f"{args.checkpoint} has no MTP modules (num_nextn_predict_layers=0): nothing drafts")
+    if args.compile:  # round 0 below (untimed) compiles the plain, verify and MTP graphs
+        enable_compiled_decode(model)
     prompts = prompts_from_val(tokenizer, n_prompts, args.prompt_tokens)
     kw = dict(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     print(
-        f"torch={torch.__version__} threads={torch.get_num_threads()} model: "
+        f"torch={torch.__version__} threads={torch.get_num_threads()} {'compiled' if args.compile else 'eager'} "
+        f"decode steps, load {os.getloadavg()[0]:.2f}, model: "
         f"{model.num_params() / 1e6:.1f}M params ({model.num_params(include_mtp=True) / 1e6:.1f}M with MTP), "
         f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.max_tokens} new tokens each\n"
     )

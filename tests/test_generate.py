@@ -331,13 +331,13 @@ def test_compiled_decode_is_greedy_identical_in_generate_and_the_engine():
     """One compiled graph (batch >= 2, growing key length) replays every decode step; tokens equal eager's."""
     from deepsail.infer import Engine, EngineConfig
     from deepsail.infer.graphs import enable_compiled_decode
-    from deepsail.model.layers import SMALL_ROWS
+    from deepsail.model.moe import GATHER_TOKENS
 
     model = tiny()  # MLA + MoE: the absorbed attention and the gathered experts inside the graph
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
     params = SamplingParams(max_tokens=12, **GREEDY)
     eager = [g.token_ids for g in generate(model, None, prompts, params)]
-    many = [[3 + k, 9, 4 + 2 * k] for k in range(SMALL_ROWS + 3)]  # past the few-row route's limit
+    many = [[3 + k, 9, 4 + 2 * k] for k in range(GATHER_TOKENS + 3)]  # past the few-row and gather routes' limits
     many_eager = [g.token_ids for g in generate(model, None, many, params)]
     step = enable_compiled_decode(model)
     assert [g.token_ids for g in generate(model, None, prompts, params)] == eager
@@ -349,10 +349,16 @@ def test_compiled_decode_is_greedy_identical_in_generate_and_the_engine():
     engine.run_until_idle()
     assert [h.result(timeout=0)[1] for h in handles] == eager
     assert step.runs["step"] > 30  # the engine's decode-only steps ran compiled too
-    # Batches past the few-row route's limit (layers.SMALL_ROWS) replay their own graph, also token-identical.
+    # Batches past the few-row route's limit (layers.SMALL_ROWS) replay their own graph, also token-identical; past
+    # moe.GATHER_TOKENS the experts' loop is one opaque op of that graph, not a graph break (a break had each block
+    # compiled per layer, and at batch 64 the step ran into dynamo's recompile limit and fell back to eager).
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     handles = [engine.submit(p, params) for p in many]
     engine.run_until_idle()
     assert [h.result(timeout=0)[1] for h in handles] == many_eager
+    assert not counters["graph_break"], dict(counters["graph_break"])
     # A step the graph does not cover (a row that feeds nothing, a prefill) runs eager with the same numbers.
     cache = model.new_cache(2, 32)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])

@@ -131,7 +131,11 @@ def _expert_loop(
     """One matmul per expert over its contiguous rows (a loop over experts, never over tokens)."""
     if torch.compiler.is_compiling():
         # The slice sizes are the routing's counts: traced, every new count was a recompile (torch.compile
-        # recompiled every step at fp32), so compiled callers run the loop as it is, between their graphs.
+        # recompiled every step at fp32). Without gradients the loop is one opaque op of the graph (its output is
+        # [M, D] whatever the counts); with them it runs eagerly between graphs. A graph break there had each block
+        # compiled on its own, per layer: at batch 64 the decode step hit dynamo's recompile limit and ran eager.
+        if not torch.is_grad_enabled():
+            return torch.ops.deepsail.expert_loop(x_sorted, counts, w_gate_up, w_down)
         return _eager_expert_loop()(x_sorted, counts, w_gate_up, w_down)
     return _loop_over_experts(x_sorted, counts, w_gate_up, w_down)
 
@@ -152,6 +156,18 @@ def _loop_over_experts(
             out.append(linear(F.silu(gate) * up, w_down[e]))
         start += n
     return torch.cat(out) if out else x_sorted.new_zeros(0, w_down.shape[1])
+
+
+@torch.library.custom_op("deepsail::expert_loop", mutates_args=())
+def _expert_loop_op(
+    x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    return _loop_over_experts(x_sorted, counts, w_gate_up, w_down)
+
+
+@_expert_loop_op.register_fake
+def _(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    return x_sorted.new_empty(x_sorted.shape[0], w_down.shape[1])
 
 
 class MoE(nn.Module):
@@ -183,7 +199,10 @@ class MoE(nn.Module):
             # Group (token, expert) pairs by expert: a stable sort keeps each expert's tokens in order.
             flat_ids = ids.view(-1)
             order = flat_ids.argsort(stable=True)
-            counts = torch.bincount(flat_ids, minlength=self.n_experts)
+            # (not bincount: its output size depends on the values, which a compiled graph cannot size)
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+                0, flat_ids, torch.ones_like(flat_ids)
+            )
             token_of = order // self.top_k
             y = self.experts(x.index_select(0, token_of), counts)
             y = y * weights.view(-1, 1).index_select(0, order).to(y.dtype)
