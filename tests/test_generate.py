@@ -359,6 +359,17 @@ def test_compiled_decode_is_greedy_identical_in_generate_and_the_engine():
     engine.run_until_idle()
     assert [h.result(timeout=0)[1] for h in handles] == many_eager
     assert not counters["graph_break"], dict(counters["graph_break"])
+    # The graph takes the parameters as inputs: an in-place update (an optimizer step, as GRPO makes between
+    # rollouts) is what the next compiled step computes with.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    runs = step.runs["step"]
+    compiled_after = [g.token_ids for g in generate(model, None, prompts, params)]
+    model.compiled_decode = None
+    assert compiled_after == [g.token_ids for g in generate(model, None, prompts, params)] != eager
+    model.compiled_decode = step
+    assert step.runs["step"] == runs + 11
     # A step the graph does not cover (a row that feeds nothing, a prefill) runs eager with the same numbers.
     cache = model.new_cache(2, 32)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])

@@ -188,6 +188,19 @@ def test_lora_run_saves_an_adapter(run_args, tmp_path):
     assert (out / "adapter/adapter_config.json").is_file() and (out / "model/config.json").is_file()
 
 
+def test_compiled_rollouts(run_args, tmp_path, monkeypatch):
+    """--compile-rollouts samples through the compiled decode step (its weights updated in place every step)."""
+    from deepsail.infer import graphs
+
+    made = []
+    monkeypatch.setattr(G, "enable_compiled_decode", lambda m: made.append(graphs.enable_compiled_decode(m)))
+    out = tmp_path / "compiled"
+    args = [*run_args, "--steps", "2", "--beta", "0", "--compile-rollouts", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert made and made[0].runs["step"] > 0 and (out / "model/config.json").is_file()
+
+
 def test_bad_input_is_one_clear_line(tiny_model_dir, tmp_path):
     runner = CliRunner()
     base = [str(tiny_model_dir), "--out", str(tmp_path / "x")]

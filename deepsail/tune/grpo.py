@@ -49,6 +49,7 @@ from torch import nn
 from deepsail.files import atomic_write_json, atomic_write_text, check_run_folder
 from deepsail.flags import Options, knob, options
 from deepsail.infer.engine import Engine, EngineConfig
+from deepsail.infer.graphs import enable_compiled_decode
 from deepsail.infer.sampling import SamplingParams
 from deepsail.model import IGNORE_INDEX
 from deepsail.precision import resolve_device, resolve_precision
@@ -84,6 +85,11 @@ class GRPOConfig:
     num_iterations: int = knob(1, "mu: optimizer steps per batch of rollouts (the clipped ratio matters when > 1).")
     format_weight: float = knob(0.1, "Weight of the format reward beside the accuracy reward (R1: small).")
     eval_problems: int = knob(100, "Held-out problems scored greedily at each evaluation (the task's test split).")
+    compile_rollouts: bool = knob(
+        False,
+        "Sample rollouts and evaluations through the compiled decode step (infer/graphs.py; a full model, not LoRA): "
+        "1.25x faster at 64 rows on deepseek-v3-mini, after a ~30 s first compile.",
+    )
 
     def __post_init__(self) -> None:
         T.check_task(self.task)
@@ -478,6 +484,8 @@ def grpo(
     )
     max_len = min(model.config.max_position_embeddings, longest_prompt + 16 + gcfg.max_completion_tokens)
     engine = make_engine(model, tokenizer, max(P * G, gcfg.eval_problems), max_len)
+    if gcfg.compile_rollouts:  # the graph reads the parameters as inputs: each step's update is what it samples with
+        enable_compiled_decode(model)
     model.train()
 
     start_file = out / "start_eval.json"
