@@ -122,7 +122,11 @@ class CompiledDecode:
         ctx = self.model.attention_context(B, T, ids_BT.device, cache, input_lens)
         if name not in self._graphs:
             weight_major_wins()  # measured eagerly, read by the traced code
-            self._graphs[name] = torch.compile(fn, dynamic=False)
+            # On CPU the generated code calls its ~60 kernels per step from C++ rather than Python: batch-1 decode
+            # of deepseek-v3-small 1.24x faster (alternating runs: 135/117 vs 110/93 tok/s), a first compile ~10 s
+            # longer.
+            cpu = ids_BT.device.type == "cpu"
+            self._graphs[name] = torch.compile(fn, dynamic=False, options={"cpp_wrapper": True} if cpu else None)
         torch._dynamo.mark_dynamic(ctx.read_slots, 1)  # the key length: one graph as the context grows
         torch._dynamo.mark_dynamic(ctx.mask, 3)
         if cache.pool is not self._marked_pool:  # and one for every pool size (each generate() makes its own)
