@@ -21,7 +21,8 @@ set through llama_model_default_params; repacked Q4_0/Q8_0 crashed on these VMs)
     close a tie rounding had to flip); q8_0 and q4_0 are reported beside it;
   - decode speed at 2 threads each on the same weights, one token at a time after the prompt (the first token,
     which includes the prompt, is not counted): deepsail's generate path (`deepsail.infer.generate.stream`, fp32
-    and bf16) and llama.cpp (f16, q8_0, q4_0, an eval + argmax loop). The five take turns every round; medians.
+    and bf16, eager and with the compiled decode step of `generate --compile`) and llama.cpp (f16, q8_0, q4_0, an
+    eval + argmax loop). The seven take turns every round; medians.
 Random weights still give deterministic greedy tokens; the random models get a real byte-level BPE trained like
 tests/conftest.py's. 2-thread decode collapses when the other core is busy: run it on a quiet machine, and read the
 load averages it prints.
@@ -30,6 +31,7 @@ load averages it prints.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import os
 import statistics
@@ -47,6 +49,7 @@ import torch
 from deepsail.data import Tokenizer, default_corpus
 from deepsail.export.gguf import chat_template_for_gguf, export_gguf
 from deepsail.infer.generate import generate, stream
+from deepsail.infer.graphs import enable_compiled_decode
 from deepsail.model import ModelConfig, Transformer
 from deepsail.model.presets import PRESETS
 from deepsail.train.checkpoint import resolve_checkpoint
@@ -312,10 +315,17 @@ def check_model(llama_cpp: Any, name: str, folder: Path, files: Path, args: argp
             flush=True,
         )
 
+    # The compiled decode step (infer/graphs.py, `generate --compile`) on copies, so the eager sides stay eager.
+    compiled = {}
+    for dtype, m in (("fp32", fp32), ("bf16", bf16)):
+        compiled["deepsail", f"{dtype} compiled"] = copy.deepcopy(m)
+        enable_compiled_decode(compiled["deepsail", f"{dtype} compiled"])
     return dict(
         name=name,
         tok=tok,
-        sides={("deepsail", "fp32"): fp32, ("deepsail", "bf16"): bf16} | {("llama.cpp", t): llms[t] for t in TYPES},
+        sides={("deepsail", "fp32"): fp32, ("deepsail", "bf16"): bf16}
+        | compiled
+        | {("llama.cpp", t): llms[t] for t in TYPES},
         sizes=sizes,
     )
 
@@ -330,7 +340,7 @@ def time_models(llama_cpp: Any, prepared: list[dict], args: argparse.Namespace) 
             return deepsail_stream_times(m, p["tok"], ids, n)[1]
         return llama_greedy(llama_cpp, m, ids, n)[2]
 
-    for p in prepared:  # warm-up
+    for p in prepared:  # warm-up (and the compiled sides' compile)
         for side in p["sides"]:
             run(p, side, 4)
     for _ in range(args.rounds):
@@ -400,6 +410,16 @@ def main() -> None:
         print(
             f"| {r['model']} | {r['side']} | {r['weights']} | {size} | {r['tok_s']:.0f} ({lo:.0f}-{hi:.0f}) "
             f"| {r['ratio']:.2f}x |"
+        )
+    # The issue's goal: deepsail's batch-1 decode >= 0.8x llama.cpp's on the same weights and threads.
+    print()
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rate = {(r["side"], r["weights"]): r["tok_s"] for r in rows if r["model"] == name}
+        f16 = rate["llama.cpp", "f16"]
+        print(
+            f"{name}: deepsail compiled / llama.cpp f16 = {rate['deepsail', 'fp32 compiled'] / f16:.2f}x (fp32), "
+            f"{rate['deepsail', 'bf16 compiled'] / f16:.2f}x (bf16); / llama.cpp q8_0 = "
+            f"{rate['deepsail', 'bf16 compiled'] / rate['llama.cpp', 'q8_0']:.2f}x (bf16)"
         )
 
 
