@@ -177,9 +177,11 @@ def speculative_decode(
         before = cache.lens.clone()
         fed, fed_lens = torch.cat((current[:, None], D), 1), (k + 1) * one
         hidden = compiled_hidden(model, fed, cache, fed_lens)
-        if hidden is None:
-            hidden = model(fed, cache=cache, input_lens=fed_lens, last_logits_only=True, return_hidden=True).hidden
-        logits = model.logits_of(hidden)
+        if hidden is not None:
+            logits = model.logits_of(hidden)
+        else:
+            out = model(fed, cache=cache, input_lens=fed_lens, return_hidden=True)
+            hidden, logits = out.hidden, out.logits
         P = probs_of(logits.flatten(0, 1), [s.params for s in states for _ in range(k + 1)]).view(B, k + 1, -1)
         m, current = accept(P, Q, D, k_B, torch.zeros(B, k + 1, device=device))
 
