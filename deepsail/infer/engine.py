@@ -528,7 +528,8 @@ class Engine:
         ids_t = torch.tensor(ids, device=dev)
         embeds = self._image_embeds(batch, ids_t)
         plain = embeds is None and not scoring and not self.adapters
-        if plain and self.speculative and T <= 1 + self.speculative:
+        compiled = getattr(self.model, "compiled_decode", None) is not None
+        if compiled and plain and self.speculative and T <= 1 + self.speculative:
             # Decode rows, some feeding drafts: the compiled graph where enabled. Feeds of 2..k+1 tokens are padded to
             # k + 1 (the rows' lengths say what is real), so one graph serves them rather than one per width.
             width = 1 if T == 1 else 1 + self.speculative
