@@ -112,6 +112,26 @@ def test_engine_forgets_prefixes_when_the_weights_change(tiny_model_dir):
     assert again.result()[1] == want.result()[1] and engine.counters["prefix_hits"] == 0
 
 
+def test_rollouts_compute_each_prompt_once(tiny_model_dir):
+    """One sample per problem is prefilled first; the other G - 1 reuse all of its full prompt blocks, and every
+    reply is what the request gets alone in a fresh engine."""
+    model = ds.from_pretrained(tiny_model_dir).eval()
+    bs, n = 4, 3
+    problems = [list(range(1, 15)), list(range(1, 9)) + list(range(30, 37))]  # share 2 full blocks, then differ
+    prompts = [problems[i // n] for i in range(2 * n)]
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=i) for i in range(2 * n)]
+    engine = Engine(model, None, EngineConfig(max_batch_size=2 * n, num_blocks=64, block_size=bs))
+    got = G.generate(engine, model, prompts, params)
+    full = [(len(p) - 1) // bs * bs for p in problems]  # prompt tokens in full blocks (one is always computed)
+    # the second problem's leader reuses the 2 blocks the first left; each follower, all full blocks of its problem
+    assert engine.counters["prefix_hits"] == 2 * bs + (n - 1) * sum(full)
+    for prompt, sp, (_, ids) in zip(prompts, params, got):
+        alone = Engine(model, None, EngineConfig(max_batch_size=1, num_blocks=16, block_size=bs))
+        want = alone.submit(prompt, sp)
+        alone.run_until_idle()
+        assert ids == want.result()[1]
+
+
 def digit_share(reply: str, problem: T.Problem, format_weight: float = 0.1) -> float:
     return sum(c.isdigit() for c in reply) / max(len(reply), 1)
 

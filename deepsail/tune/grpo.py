@@ -363,14 +363,23 @@ def generate(
     model.eval()  # no MoE load statistics or aux loss from sampling
     engine.reset_prefix_cache()  # the weights changed since the cached prefixes were computed
     try:
-        # The first prompt goes in alone for one step, so its full KV blocks (the chat template and the format
-        # instruction every prompt starts with; the whole prompt for the other G - 1 samples of its problem) are
-        # in the prefix cache before the rest are admitted and point their block tables at them.
-        handles = [engine.submit(prompts[0], params[0])]
+        # Each distinct prompt is computed once. Its first sample goes in alone for one step, so the KV blocks every
+        # prompt shares (the chat template, the format instruction) are in the prefix cache; then one sample of
+        # every other problem. Once those have their first token, the other G - 1 samples of each problem are
+        # admitted and point their block tables at all of its full prompt blocks (rows admitted in one step cannot
+        # share). 8 x 8 rollouts of ~68-token prompts: ~400 eager prefill tokens instead of ~1,300.
+        leaders: dict[tuple[int, ...], int] = {}
+        for i, p in enumerate(prompts):
+            leaders.setdefault(tuple(p), i)
+        first = list(leaders.values())
+        handles = {first[0]: engine.submit(prompts[first[0]], params[first[0]])}
         engine.step()
-        handles += [engine.submit(p, sp) for p, sp in zip(prompts[1:], params[1:])]
+        handles |= {i: engine.submit(prompts[i], params[i]) for i in first[1:]}
+        while any(handles[i].metrics["first_token"] is None and not handles[i].done for i in first):
+            engine.step()
+        handles |= {i: engine.submit(p, sp) for i, (p, sp) in enumerate(zip(prompts, params)) if i not in handles}
         engine.run_until_idle()
-        return [h.result()[:2] for h in handles]
+        return [handles[i].result()[:2] for i in range(len(prompts))]
     finally:
         model.train(was)
 
