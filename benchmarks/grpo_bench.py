@@ -17,7 +17,8 @@ of deepseek-v3-mini: 1.40 s fp32 vs 1.60 s under bf16 autocast, whose weight cas
 
 What differs is the machinery, which is the point: trl generates with `model.generate` on a left-padded batch (no
 paged cache, every row runs until the longest is done); deepsail's rollouts go through its continuous-batching
-engine (paged KV, finished rows leave the batch), through the compiled decode step (`--compile-rollouts`; the
+engine (paged KV, finished rows leave the batch, each problem's prompt prefilled once and its KV blocks shared by
+its G samples through the prefix cache), through the compiled decode step (`--compile-rollouts`; the
 first step, which compiles it, is left out of the median like trl's first; `--eager-rollouts` to measure without),
 and its training forward runs the head on reply tokens only and each group's shared prompt once.
 

@@ -57,6 +57,18 @@ def test_answers_compare_in_canonical_form():
     assert T.accuracy_reward("<think></think><answer>1, 7, 3</answer>", s) == 0
 
 
+def test_steps_reward_counts_the_right_steps_in_order():
+    p = T.Problem("arithmetic", "What is 79 + 41?", "120", "79 + 41: 9+1=10 carry 1, 7+4+1=12 carry 1, so 120")
+    assert T.steps_reward(T.demonstration(p), p) == 1
+    wrong_fact = "<think>79 + 41: 9+1=10 carry 1, 7+4+1=11 carry 1, so 110</think><answer>110</answer>"
+    assert T.steps_reward(wrong_fact, p) == pytest.approx(1 / 3) and T.accuracy_reward(wrong_fact, p) == 0
+    out_of_order = "<think>7+4+1=12 carry 1, 79 + 41: 9+1=10 carry 1</think><answer>120</answer>"
+    assert T.steps_reward(out_of_order, p) == pytest.approx(1 / 3)  # the first step, then nothing after it
+    assert T.steps_reward("9+1=10 carry 1 <answer>120</answer>", p) == 0  # outside <think> nothing counts
+    assert T.reward(wrong_fact, p, 0.1, 0.5) == pytest.approx(0.1 + 0.5 / 3)
+    assert T.reward(T.demonstration(p), p, 0.1, 0.0) == pytest.approx(1.1)  # off by default: R1's rewards
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         T.problems("poetry")

@@ -33,6 +33,7 @@ SYSTEM = (
 # The whole reply: one think block, then one answer block, nothing else (R1's format reward).
 FORMAT_RE = re.compile(r"^\s*<think>(?:(?!</?think>).)*</think>\s*<answer>((?:(?!</?answer>).)*)</answer>\s*$", re.S)
 ANSWER_RE = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.S)
+THINK_RE = re.compile(r"<think>((?:(?!</?think>).)*)</think>", re.S)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,26 @@ def accuracy_reward(reply: str, problem: Problem) -> float:
     return 1.0 if given is not None and _normal(problem.task, given) == problem.answer else 0.0
 
 
-def reward(reply: str, problem: Problem, format_weight: float = 0.1) -> float:
-    """R1's rule reward: accuracy, plus a smaller weight on the format."""
-    return accuracy_reward(reply, problem) + format_weight * format_reward(reply)
+def steps_reward(reply: str, problem: Problem) -> float:
+    """The share of the problem's worked steps (its demonstration's reasoning, split at commas and semicolons:
+    "3+2=5", "6+7=13 carry 1", "so 135") that the reply's first <think> block writes exactly and in order. Still a
+    rule checked exactly, but per step: a reply with one wrong column fact keeps the share of the steps it got right,
+    where the accuracy reward gives it the same 0 as a reply with every fact wrong. Nothing but the right steps
+    earns it."""
+    found = THINK_RE.search(reply)
+    if found is None:
+        return 0.0
+    think, at, hits = found.group(1), 0, 0
+    steps = [part.strip() for part in re.split(r"[,;]", problem.steps) if part.strip()]
+    for step in steps:
+        i = think.find(step, at)
+        if i >= 0:
+            hits, at = hits + 1, i + len(step)
+    return hits / len(steps)
+
+
+def reward(reply: str, problem: Problem, format_weight: float = 0.1, steps_weight: float = 0.0) -> float:
+    """R1's rule reward: accuracy, plus a smaller weight on the format; `steps_weight` adds the steps reward (0 = R1's
+    outcome rewards only)."""
+    out = accuracy_reward(reply, problem) + format_weight * format_reward(reply)
+    return out + steps_weight * steps_reward(reply, problem) if steps_weight else out
