@@ -719,6 +719,7 @@ def grpo_command(
     \b
     Examples:
       deepsail grpo runs/sft --task arithmetic --steps 200 --out runs/grpo
+      deepsail grpo runs/sft --steps-weight 0.5 --compile-rollouts --minutes 13   # + per-step reward, compiled rollouts
       deepsail grpo runs/sft --num-generations 16 --loss-type dr_grpo --scale-rewards none --beta 0
       deepsail grpo runs/sft --lora-r 16 --lora-alpha 32 --lr 1e-4 --num-iterations 2 --epsilon-high 0.28
     """
