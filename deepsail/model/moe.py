@@ -96,18 +96,6 @@ class Experts(nn.Module):
             return _expert_loop(x_sorted, counts, w_gate_up, w_down)
         return _experts_eager(x_sorted, counts, w_gate_up, w_down)
 
-
-def _experts_eager(
-    x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
-) -> torch.Tensor:
-    """One grouped GEMM per projection where torch has one for the device and dtype, else the loop over experts."""
-    if _grouped_mm_ok(x_sorted):
-        offsets = counts.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, w_gate_up.transpose(1, 2), offs=offsets)
-        gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm((F.silu(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)
-    return _loop_over_experts(x_sorted, counts, w_gate_up, w_down)
-
     def gathered(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Each token through its own top-k experts, their weights gathered per (token, expert) pair: static shapes
         and only the chosen experts' bytes read — the route of a compiled decode step (a few tokens)."""
@@ -132,6 +120,18 @@ def _experts_eager(
         gate, up = h_ENH.chunk(2, dim=-1)
         y_END = torch.matmul(F.silu(gate) * up, self.down_proj.to(x_ND.dtype).transpose(1, 2))
         return (y_END * combine_EN[..., None].to(y_END.dtype)).sum(0)
+
+
+def _experts_eager(
+    x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """One grouped GEMM per projection where torch has one for the device and dtype, else the loop over experts."""
+    if _grouped_mm_ok(x_sorted):
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_sorted, w_gate_up.transpose(1, 2), offs=offsets)
+        gate, up = h.chunk(2, dim=-1)
+        return F.grouped_mm((F.silu(gate) * up).contiguous(), w_down.transpose(1, 2), offs=offsets)
+    return _loop_over_experts(x_sorted, counts, w_gate_up, w_down)
 
 
 def _expert_loop(
