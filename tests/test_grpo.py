@@ -132,7 +132,7 @@ def test_rollouts_compute_each_prompt_once(tiny_model_dir):
         assert ids == want.result()[1]
 
 
-def digit_share(reply: str, problem: T.Problem, format_weight: float = 0.1) -> float:
+def digit_share(reply: str, problem: T.Problem, format_weight: float = 0.1, steps_weight: float = 0.0) -> float:
     return sum(c.isdigit() for c in reply) / max(len(reply), 1)
 
 
