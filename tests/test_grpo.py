@@ -18,6 +18,7 @@ from deepsail.infer.sampling import SamplingParams
 from deepsail.train.config import TrainConfig
 from deepsail.tune import grpo as G
 from deepsail.tune import tasks as T
+from deepsail.tune.finetune import resolve_base
 
 SMALL = dict(prompts_per_step=2, num_generations=4, max_completion_tokens=6, eval_problems=4)
 
@@ -81,6 +82,33 @@ def test_at_ratio_one_the_gradient_is_the_policy_gradient():
     assert torch.allclose(logp.grad, -adv[:, None].expand(2, 2) / 4)  # raise the log-prob of what beat its group
 
 
+def test_step_advantages_blame_the_wrong_step_only(tiny_model_dir):
+    tok = resolve_base(tiny_model_dir)[1]
+    p = T.Problem("arithmetic", "What is 79 + 41?", "120", "79 + 41: 9+1=10 carry 1, 7+4+1=12 carry 1, so 120")
+    right = T.demonstration(p)
+    wrong = "<think>79 + 41: 9+1=10 carry 1, 7+4+1=11 carry 1, so 120</think>\n<answer>120</answer>"
+    replies = [(t, tok.encode(t)) for t in (right, right, wrong, right)]
+    for _, ids in replies:  # token boundaries: the summed pieces agree with decoding every prefix
+        assert G.token_ends(tok, ids, tok.decode(ids)).tolist() == [
+            len(tok.decode(ids[: k + 1])) for k in range(len(ids))
+        ]
+    adv = G.step_advantages(tok, replies, [p], 4, "none")
+    # step 1 and step 3 ("so 120") all four got right: 0; step 2: rewards [1, 1, 0, 1] around their mean 0.75
+    ids, ends = replies[2][1], G.token_ends(tok, replies[2][1], wrong).tolist()
+    lo, hi = wrong.index("7+4+1=11 carry 1"), wrong.index("7+4+1=11 carry 1") + len("7+4+1=11 carry 1")
+    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        assert float(adv[2][k]) == pytest.approx(-0.75 if start < hi and end > lo else 0.0), tok.decode([ids[k]])
+    assert all(float(a.min()) >= 0 and float(a.max()) == pytest.approx(0.25) for i, a in enumerate(adv) if i != 2)
+    # and the loss takes per-token advantages: a constant row equals the per-sample advantage
+    logp, old = torch.randn(3, 5), torch.randn(3, 5)
+    adv_B, mask = torch.tensor([1.0, -0.5, 0.2]), torch.ones(3, 5, dtype=torch.bool)
+    kw = dict(beta=0.0, eps_low=0.2, eps_high=0.2, loss_type="dapo", norm=15.0)
+    assert torch.equal(
+        G.policy_loss(logp, old, None, adv_B, mask, **kw)["loss"],
+        G.policy_loss(logp, old, None, adv_B[:, None].expand(3, 5), mask, **kw)["loss"],
+    )
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="at least 2 samples"):
         G.GRPOConfig(num_generations=1)
@@ -90,6 +118,8 @@ def test_config_rejects_bad_values():
         G.GRPOConfig(loss_type="ppo")
     with pytest.raises(ValueError, match="--temperature"):
         G.GRPOConfig(temperature=0)
+    with pytest.raises(ValueError, match="--process-weight >= 0"):
+        G.GRPOConfig(process_weight=-1)
 
 
 def test_engine_forgets_prefixes_when_the_weights_change(tiny_model_dir):
@@ -164,11 +194,36 @@ def test_policy_gradient_raises_a_reward_the_model_can_reach(tiny_model_dir, tmp
     assert last > first + 0.1, [round(x["reward"], 3) for x in rows]
 
 
+def digit_marks(reply: str, problem: T.Problem) -> list[tuple[int, int, float]]:
+    """Eight one-character "steps": right when the character is a digit."""
+    return [(j, j + 1, float(reply[j].isdigit())) if j < len(reply) else (0, 0, 0.0) for j in range(8)]
+
+
+def test_process_advantages_alone_move_the_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """With every reply's reward the same, the outcome advantages are all 0: only --process-weight's per-token
+    advantages can teach. Judging each of the first 8 characters on its own (a digit is right) must raise the
+    share of digits; advantages put on the wrong tokens, or with the wrong sign, would not."""
+    monkeypatch.setattr(T, "reward", lambda *a, **k: 0.0)
+    monkeypatch.setattr(T, "step_marks", digit_marks)
+    monkeypatch.setattr(T, "accuracy_reward", lambda reply, p: sum(c.isdigit() for c in reply[:8]) / 8)  # logged
+    cfg = TrainConfig(
+        out=str(tmp_path / "ps"), steps=24, lr=3e-3, min_lr=3e-3, warmup_steps=0, weight_decay=0.0, log_every=4,
+        eval_every=0, ckpt_every=0, seed=0, precision="fp32", bias_update_rate=0.0,
+    )  # fmt: skip
+    gcfg = G.GRPOConfig(
+        prompts_per_step=4, num_generations=8, max_completion_tokens=8, eval_problems=2, beta=0.0, process_weight=1.0
+    )
+    r = G.grpo(tiny_model_dir, cfg, gcfg)
+    rows = [json.loads(line) for line in open(r.train["metrics_path"]) if '"train"' in line]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.1, [round(x["accuracy"], 3) for x in rows]
+
+
 @pytest.fixture(scope="module")
 def run_args(tiny_model_dir):
     return [
         "grpo", str(tiny_model_dir), "--steps", "4", "--log-every", "1", "--eval-every", "2", "--ckpt-every", "1",
         "--precision", "fp32", "--num-iterations", "2", "--beta", "0.1", "--seed", "3", "--lr", "1e-3",
+        "--process-weight", "0.5",
         *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()],
     ]  # fmt: skip
 

@@ -69,6 +69,19 @@ def test_steps_reward_counts_the_right_steps_in_order():
     assert T.reward(T.demonstration(p), p, 0.1, 0.0) == pytest.approx(1.1)  # off by default: R1's rewards
 
 
+def test_step_marks_judge_each_written_step_in_place():
+    p = T.Problem("arithmetic", "What is 79 + 41?", "120", "79 + 41: 9+1=10 carry 1, 7+4+1=12 carry 1, so 120")
+    demo = T.demonstration(p)
+    marks = T.step_marks(demo, p)
+    assert [demo[a:b] for a, b, _ in marks] == ["79 + 41: 9+1=10 carry 1", "7+4+1=12 carry 1", "so 120"]
+    assert [m[2] for m in marks] == [1.0, 1.0, 1.0]
+    wrong_fact = "<think>79 + 41: 9+1=10 carry 1, 7+4+1=11 carry 1, so 110</think><answer>110</answer>"
+    assert [m[2] for m in T.step_marks(wrong_fact, p)] == [1.0, 0.0, 0.0]
+    short = "<think>79 + 41: 9+1=10 carry 1</think><answer>10</answer>"
+    assert T.step_marks(short, p)[1:] == [(0, 0, 0.0), (0, 0, 0.0)]  # unwritten: wrong, and no text to blame
+    assert T.step_marks("79 + 41: 9+1=10 carry 1 <answer>120</answer>", p) == [(0, 0, 0.0)] * 3
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         T.problems("poetry")

@@ -9,7 +9,9 @@ One optimizer step, top to bottom:
    (+ `steps_weight` x the share of the worked steps written right, `--steps-weight`, off by default);
 3. advantages: each sample's reward minus its group's mean, divided by the group's std (`--scale-rewards group`,
    GRPO), the whole batch's std (`batch`) or nothing (`none`, Dr. GRPO's unbiased variant); groups whose samples
-   all scored the same carry no signal and get advantage 0;
+   all scored the same carry no signal and get advantage 0. With `--process-weight w`, each worked step is also
+   scored right or wrong, normalised over the G samples' same step, and w x that advantage is added to the tokens
+   of that step only (`step_advantages`: process supervision with rule-checked steps);
 4. the loss, per completion token t of sample i (prompt tokens never count):
        ratio = exp(logp - logp_old),  pg = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps_high) * A_i)
        kl    = exp(ref - logp) - (ref - logp) - 1          (Schulman's k3, against the frozen starting model)
@@ -91,6 +93,12 @@ class GRPOConfig:
         "Weight of the steps reward: the share of the problem's worked steps the reply's <think> writes exactly, in "
         "order (a denser rule reward than the answer alone); 0 = R1's outcome rewards only.",
     )
+    process_weight: float = knob(
+        0.0,
+        "Weight of per-step advantages (process supervision with rule-checked steps): each worked step of a reply "
+        "is scored right or wrong against the same step of the group's other samples, and that advantage goes to "
+        "the tokens of that step only, on top of the reply's own; 0 = one advantage per reply.",
+    )
     eval_problems: int = knob(100, "Held-out problems scored greedily at each evaluation (the task's test split).")
     compile_rollouts: bool = knob(
         False,
@@ -116,8 +124,12 @@ class GRPOConfig:
             raise ValueError(
                 f"--temperature must be > 0 for rollouts (greedy samples are all alike), got {self.temperature}."
             )
-        if min(self.beta, self.epsilon_high, self.format_weight, self.steps_weight) < 0 or self.epsilon <= 0:
-            raise ValueError("need --beta, --epsilon-high, --format-weight and --steps-weight >= 0, and --epsilon > 0.")
+        weights = (self.beta, self.epsilon_high, self.format_weight, self.steps_weight, self.process_weight)
+        if min(weights) < 0 or self.epsilon <= 0:
+            raise ValueError(
+                "need --beta, --epsilon-high, --format-weight, --steps-weight and --process-weight >= 0, and "
+                "--epsilon > 0."
+            )
 
     @property
     def clip_high(self) -> float:
@@ -180,7 +192,7 @@ def policy_loss(
     (dr_grpo). Also returns the mean KL and the clipped fraction of tokens (detached, for the curves)."""
     m = mask_BT.float()
     ratio = torch.exp(logp_BT - old_BT)
-    adv = adv_B[:, None]
+    adv = adv_B[:, None] if adv_B.dim() == 1 else adv_B  # one per sample, or one per token ([B, W], --process-weight)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
     kl = torch.zeros_like(logp_BT)
@@ -304,6 +316,7 @@ class Rollouts:
         acc = torch.tensor([T.accuracy_reward(text, problems[i // G]) for i, (text, _) in enumerate(replies)])
         fmt = torch.tensor([T.format_reward(text) for text, _ in replies])
         adv = group_advantages(rewards.view(P, G), g.scale_rewards).view(-1)
+        steps = step_advantages(self.tok, replies, problems, G, g.scale_rewards) if g.process_weight else None
 
         n_micro = self.cfg.grad_accum
         per = P * G // n_micro
@@ -318,8 +331,13 @@ class Rollouts:
             rows = range(m * per, (m + 1) * per)
             groups = prompts[m * per // G : (m + 1) * per // G]
             tensors = rollout_tensors(groups, [replies[i][1] for i in rows], self.pad_id)
+            adv_rows = adv[list(rows)]
+            if steps is not None:  # per token: the reply's advantage + its step's, zero past the reply
+                W = tensors["y"].shape[1]
+                extra = torch.stack([F.pad(steps[i], (0, W - len(steps[i]))) for i in rows])
+                adv_rows = adv_rows[:, None] + g.process_weight * extra
             b = {k: v.to(self.device) for k, v in tensors.items()} | {
-                "adv": adv[list(rows)].to(self.device),
+                "adv": adv_rows.to(self.device),
                 "norm": torch.tensor(float(max(norm, 1e-8))),
                 "reward": rewards[list(rows)],
                 "accuracy": acc[list(rows)],
@@ -338,6 +356,49 @@ class Rollouts:
             self.model.train(was)
             micro.append(b)
         return micro * g.num_iterations
+
+
+def step_advantages(
+    tokenizer: Any, replies: Sequence[tuple[str, list[int]]], problems: Sequence[T.Problem], G: int, scale: str
+) -> list[torch.Tensor]:
+    """Process supervision with rule-checked steps: per reply, a [len(ids)] advantage for each of its tokens.
+
+    Step j of every sample of a problem is the same column fact, so it gets GRPO's own treatment: its right/wrong
+    scores (`tasks.step_marks`) are normalised over the G samples (`group_advantages`, same `scale`), and that
+    advantage goes to the tokens whose text overlaps the reply's step j. A reply whose one wrong fact sank its
+    answer is then blamed there, while its right steps are credited — the outcome advantage alone pushes all of
+    its tokens down together. DeepSeekMath's process supervision (arXiv 2402.03300, 4.1.3) sums the normalised
+    rewards of a token's step and every later one; the column steps are independent facts, so each step's tokens
+    get that step's advantage only. Tokens outside the steps (tags, the answer) get 0 here.
+
+    Measured on the R1 recipe's SFT model (37.0% held out), 12-minute runs with the steps reward: it did not help
+    there — 59.0% with --process-weight 0.5 vs 62.0% without at lr 6e-5, 55.0% with 1.0 at lr 1e-4 (vs 64.5%). Its
+    advantages are large on a rare wrong step (-2.5 when 1 of 8 errs), which acts like a higher learning rate, and
+    a higher rate hurt too (lr 1.5e-4: 52.0%)."""
+    out = []
+    for p, problem in enumerate(problems):
+        group = [ids for _, ids in replies[p * G : (p + 1) * G]]
+        texts = [tokenizer.decode(ids) for ids in group]  # positions are of this text, token boundaries below too
+        marks = [T.step_marks(text, problem) for text in texts]
+        adv_GJ = group_advantages(torch.tensor([[m[2] for m in ms] for ms in marks]).T, scale).T
+        for ids, text, ms, adv_J in zip(group, texts, marks, adv_GJ):
+            ends = token_ends(tokenizer, ids, text)
+            starts = F.pad(ends[:-1], (1, 0))
+            s_J, e_J = torch.tensor([m[0] for m in ms]), torch.tensor([m[1] for m in ms])
+            overlap_TJ = (starts[:, None] < e_J) & (ends[:, None] > s_J)  # an empty (unwritten) step overlaps nothing
+            out.append(overlap_TJ.float() @ adv_J.float())
+    return out
+
+
+def token_ends(tokenizer: Any, ids: Sequence[int], text: str) -> torch.Tensor:
+    """[len(ids)] end offset of each token in `text` (its decoding). Each token's piece decoded alone, then summed:
+    ~3x faster than decoding every prefix (64 replies of ~55 tokens: 5 vs 15 ms), and exact for a byte-level BPE. A
+    tokenizer whose pieces do not add up to the text (a character split across tokens, a decoder that strips a
+    piece's leading space) gets the prefix decodes."""
+    ends = torch.tensor([len(tokenizer.decode([i])) for i in ids], dtype=torch.long).cumsum(0)
+    if len(ids) and int(ends[-1]) != len(text):
+        ends = torch.tensor([len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))], dtype=torch.long)
+    return ends
 
 
 def rollout_tensors(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -720,6 +781,7 @@ def grpo_command(
     Examples:
       deepsail grpo runs/sft --task arithmetic --steps 200 --out runs/grpo
       deepsail grpo runs/sft --steps-weight 0.5 --compile-rollouts --minutes 13   # + per-step reward, compiled rollouts
+      deepsail grpo runs/sft --process-weight 0.5   # a wrong step's tokens blamed, not the whole reply's
       deepsail grpo runs/sft --num-generations 16 --loss-type dr_grpo --scale-rewards none --beta 0
       deepsail grpo runs/sft --lora-r 16 --lora-alpha 32 --lr 1e-4 --num-iterations 2 --epsilon-high 0.28
     """

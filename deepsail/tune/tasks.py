@@ -229,6 +229,31 @@ def steps_reward(reply: str, problem: Problem) -> float:
     return hits / len(steps)
 
 
+def step_marks(reply: str, problem: Problem) -> list[tuple[int, int, float]]:
+    """The reply's worked steps, judged one by one: for each of the problem's steps (as `steps_reward` splits them),
+    the character span (start, end) of the reply's step in the same place (its first <think> block split the same
+    way) and 1.0 when it is exactly that step, else 0.0. A step the reply never wrote is (0, 0, 0.0): wrong, no span.
+    What `--process-weight` turns into per-token advantages: a wrong column fact is blamed on its own tokens."""
+    steps = [part.strip() for part in re.split(r"[,;]", problem.steps) if part.strip()]
+    found = THINK_RE.search(reply)
+    spans: list[tuple[int, int, str]] = []
+    if found is not None:
+        at = found.start(1)
+        for part in re.split(r"([,;])", found.group(1))[::2]:  # the parts, without the delimiters kept by the group
+            lead = len(part) - len(part.lstrip())
+            if part.strip():
+                spans.append((at + lead, at + lead + len(part.strip()), part.strip()))
+            at += len(part) + 1
+    marks = []
+    for j, step in enumerate(steps):
+        if j < len(spans):
+            start, end, text = spans[j]
+            marks.append((start, end, 1.0 if text == step else 0.0))
+        else:
+            marks.append((0, 0, 0.0))
+    return marks
+
+
 def reward(reply: str, problem: Problem, format_weight: float = 0.1, steps_weight: float = 0.0) -> float:
     """R1's rule reward: accuracy, plus a smaller weight on the format; `steps_weight` adds the steps reward (0 = R1's
     outcome rewards only)."""
