@@ -221,7 +221,7 @@ def steps_reward(reply: str, problem: Problem) -> float:
     if found is None:
         return 0.0
     think, at, hits = found.group(1), 0, 0
-    steps = [part.strip() for part in re.split(r"[,;]", problem.steps) if part.strip()]
+    steps = worked_steps(problem)
     for step in steps:
         i = think.find(step, at)
         if i >= 0:
@@ -230,28 +230,26 @@ def steps_reward(reply: str, problem: Problem) -> float:
 
 
 def step_marks(reply: str, problem: Problem) -> list[tuple[int, int, float]]:
-    """The reply's worked steps, judged one by one: for each of the problem's steps (as `steps_reward` splits them),
-    the character span (start, end) of the reply's step in the same place (its first <think> block split the same
-    way) and 1.0 when it is exactly that step, else 0.0. A step the reply never wrote is (0, 0, 0.0): wrong, no span.
-    What `--process-weight` turns into per-token advantages: a wrong column fact is blamed on its own tokens."""
-    steps = [part.strip() for part in re.split(r"[,;]", problem.steps) if part.strip()]
+    """The reply's worked steps, judged one by one: for each of the problem's steps, the character span (start, end)
+    of the reply's step in the same place (its first <think> block split the same way) and 1.0 when it is exactly
+    that step, else 0.0. A step the reply never wrote is (0, 0, 0.0): wrong, no span. What `--process-weight`
+    turns into per-token advantages: a wrong column fact is blamed on its own tokens."""
     found = THINK_RE.search(reply)
-    spans: list[tuple[int, int, str]] = []
-    if found is not None:
-        at = found.start(1)
-        for part in re.split(r"([,;])", found.group(1))[::2]:  # the parts, without the delimiters kept by the group
-            lead = len(part) - len(part.lstrip())
-            if part.strip():
-                spans.append((at + lead, at + lead + len(part.strip()), part.strip()))
-            at += len(part) + 1
-    marks = []
-    for j, step in enumerate(steps):
-        if j < len(spans):
-            start, end, text = spans[j]
-            marks.append((start, end, 1.0 if text == step else 0.0))
-        else:
-            marks.append((0, 0, 0.0))
-    return marks
+    written = []
+    for part in re.finditer(r"[^,;]+", found.group(1)) if found is not None else ():
+        text = part.group().strip()
+        if text:
+            start = found.start(1) + part.start() + len(part.group()) - len(part.group().lstrip())
+            written.append((start, start + len(text), text))
+    return [
+        (*written[j][:2], float(written[j][2] == step)) if j < len(written) else (0, 0, 0.0)
+        for j, step in enumerate(worked_steps(problem))
+    ]
+
+
+def worked_steps(problem: Problem) -> list[str]:
+    """The problem's reasoning split into steps at commas and semicolons ("3+2=5", "6+7=13 carry 1", "so 135")."""
+    return [part.strip() for part in re.split(r"[,;]", problem.steps) if part.strip()]
 
 
 def reward(reply: str, problem: Problem, format_weight: float = 0.1, steps_weight: float = 0.0) -> float:
