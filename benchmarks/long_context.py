@@ -9,6 +9,8 @@ the same seed, once with each attention. Per length, the two sides alternate `--
 prefill through the paged cache (as the engine runs it: last-token logits only) and `--decode-steps` 1-token
 decode steps after it. Medians are printed, with the share of each forward spent inside the attention modules
 (forward hooks) so the whole-model ratio can be read against what attention alone gained, and the load average.
+The "bound" column is the physical limit for the hybrid's design: its attention FLOPs (`attention_flops`, counted
+as the code runs them) at the FLOP rate the fused dense kernel reached in the same run, plus its own other work.
 
 Quality: the same preset trained from the same seed on the same batches of the embedded corpus (documents packed
 into `--seq-len`-token windows) for `--steps` steps each, then val bits/byte over the whole validation split.
@@ -60,6 +62,30 @@ class AttentionClock:
         self.total += time.perf_counter() - self._t0
 
 
+def attention_flops(cfg, T: int, hybrid: bool) -> float:
+    """Multiply-add FLOPs (x2) of one layer's attention products in a T-token prefill, as this code runs them.
+
+    Dense prefill takes MLA's expanded path: per head, q.k over qk_nope + qk_rope dims and p.v over the values
+    zero-padded to that width (attention.py). The hybrid takes the absorbed path: every head reads the latent
+    (kv_lora_rank + rope dims); the window branch passes the whole latent row as value, the other two its first
+    kv_lora_rank columns. Key counts per query follow sparse_attention.py exactly (sinks included)."""
+    import torch
+
+    H, r, rope = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    p = torch.arange(T, dtype=torch.float64)  # query positions
+    if not hybrid:
+        d = cfg.qk_nope_head_dim + rope
+        return float((p + 1).sum()) * H * 2 * (d + d)
+    W, c, S, K = cfg.sliding_window, cfg.compress_block, cfg.select_block, cfg.select_top_k
+    window = torch.clamp(p + 1, max=W)
+    compressed = torch.floor((p + 1) / c) + 1
+    # selectable: blocks j that start at or before p - W and are complete, j*S <= p - W and (j+1)*S <= p + 1
+    candidates = torch.minimum(torch.floor((p - W) / S) + 1, torch.floor((p + 1) / S)).clamp(min=0)
+    selected = torch.clamp(candidates, max=K) * S
+    dk = r + rope
+    return float(H * 2 * (window.sum() * (dk + dk) + (compressed.sum() + selected.sum()) * (dk + r)))
+
+
 def time_one(model, clock, length: int, decode_steps: int, sync) -> dict:
     import torch
 
@@ -104,11 +130,20 @@ def timings(a, device: str, dtype) -> list[dict]:
         for name, rs in runs.items():
             for key in ("prefill", "attn_share", "decode"):
                 row[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
+        # The bound: the hybrid's attention FLOPs run at the FLOP rate the dense kernel reached in this run (its own
+        # non-attention time kept). No kernel for these products can beat it by much on this machine.
+        n_layers = len(models["dense"].layers)
+        dense_rate = attention_flops(models["dense"].config, length, False) * n_layers
+        dense_rate /= row["dense_prefill"] * row["dense_attn_share"]
+        hybrid_attn_s = attention_flops(models["hybrid"].config, length, True) * n_layers / dense_rate
+        row["dense_gflops"] = dense_rate / 1e9
+        row["bound"] = row["dense_prefill"] / (row["hybrid_prefill"] * (1 - row["hybrid_attn_share"]) + hybrid_attn_s)
         rows.append(row)
         print(
             f"{length:>6} tokens: prefill dense {row['dense_prefill']:.3f}s hybrid {row['hybrid_prefill']:.3f}s "
             f"({row['dense_prefill'] / row['hybrid_prefill']:.2f}x) | decode dense {1e3 * row['dense_decode']:.1f} "
-            f"hybrid {1e3 * row['hybrid_decode']:.1f} ms/token | load {row['load']:.1f}",
+            f"hybrid {1e3 * row['hybrid_decode']:.1f} ms/token | dense attention {row['dense_gflops']:.0f} GFLOP/s, "
+            f"hybrid bound at that rate {row['bound']:.2f}x | load {row['load']:.1f}",
             flush=True,
         )
     return rows
@@ -174,14 +209,14 @@ def write(rows: list[dict], qual: dict[str, dict], a, header: str) -> None:
     lines = [
         header,
         "",
-        "| tokens | prefill dense | prefill hybrid | speedup | attention share dense / hybrid | decode dense | "
+        "| tokens | prefill dense | prefill hybrid | speedup | bound | attention share dense / hybrid | decode dense | "
         "decode hybrid | speedup |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['length']:,} | {r['dense_prefill']:.3f} s | {r['hybrid_prefill']:.3f} s | "
-            f"{r['dense_prefill'] / r['hybrid_prefill']:.2f}x | {r['dense_attn_share']:.0%} / "
+            f"{r['dense_prefill'] / r['hybrid_prefill']:.2f}x | {r['bound']:.2f}x | {r['dense_attn_share']:.0%} / "
             f"{r['hybrid_attn_share']:.0%} | {1e3 * r['dense_decode']:.1f} ms | {1e3 * r['hybrid_decode']:.1f} ms | "
             f"{r['dense_decode'] / r['hybrid_decode']:.2f}x |"
         )
