@@ -80,6 +80,7 @@ def test_at_ratio_one_the_gradient_is_the_policy_gradient():
     )
     out["loss"].backward()
     assert torch.allclose(logp.grad, -adv[:, None].expand(2, 2) / 4)  # raise the log-prob of what beat its group
+    assert "kl" not in out  # beta 0 runs no reference pass: the curves show no KL rather than a KL of 0
 
 
 def test_step_advantages_blame_the_wrong_step_only(tiny_model_dir):
@@ -274,6 +275,8 @@ def test_compiled_rollouts(run_args, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert made and made[0].runs["step"] > 0 and (out / "model/config.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any("kl" in x for x in rows)  # --beta 0: not measured, and grpo.png says so
 
 
 def test_bad_input_is_one_clear_line(tiny_model_dir, tmp_path):

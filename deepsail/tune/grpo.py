@@ -195,7 +195,7 @@ def policy_loss(
     adv = adv_B[:, None] if adv_B.dim() == 1 else adv_B  # one per sample, or one per token ([B, W], --process-weight)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
-    kl = torch.zeros_like(logp_BT)
+    kl = None  # beta 0 runs no reference pass: no KL is measured (which is not a KL of 0)
     if ref_BT is not None and beta:
         d = ref_BT - logp_BT
         kl = torch.exp(d) - d - 1
@@ -206,11 +206,10 @@ def policy_loss(
         loss = (per_token * m).sum() / norm
     n = m.sum().clamp(min=1)
     is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-    return {
-        "loss": loss,
-        "kl": ((kl * m).sum() / n).detach(),
-        "clip_frac": ((is_clipped.float() * m).sum() / n).detach(),
-    }
+    out = {"loss": loss, "clip_frac": ((is_clipped.float() * m).sum() / n).detach()}
+    if kl is not None:
+        out["kl"] = ((kl * m).sum() / n).detach()
+    return out
 
 
 def grpo_loss_fn(gcfg: GRPOConfig):
@@ -685,6 +684,15 @@ def plot_curves(metrics_path: Path, path: Path, start: dict[str, float] | None =
             pts.insert(0, (0, start[key]))
         if pts:
             ax.plot(*zip(*pts), marker="o" if split == "val" else None, markersize=3)
+        elif key == "kl":
+            ax.text(
+                0.5,
+                0.5,
+                "not measured:\n--beta 0 runs no reference pass",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
