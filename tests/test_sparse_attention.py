@@ -42,7 +42,7 @@ def _reference(mod: HybridSparseAttention, x, q, k, v, scale):
                 probs = [torch.cat((kc @ q[b, h, p] * scale, torch.zeros(1))).softmax(0)[:-1] for h in heads]
                 score = sum(probs)
                 cands = [i for i in range(T // S) if i * S <= p - W and (i + 1) * S <= p + 1]
-                ranked = sorted(cands, key=lambda i: -float(score[i * S // c : (i + 1) * S // c].sum()))
+                ranked = sorted(cands, key=lambda i: -float(score[i * S // c : (i + 1) * S // c].detach().sum()))
                 sel = sorted(ranked[: mod.top_k])
                 keys = torch.tensor([j for i in sel for j in range(i * S, (i + 1) * S)], dtype=torch.long)
                 lo = max(0, p - W + 1)
@@ -69,12 +69,15 @@ def test_branches_match_a_per_query_reference(G):
     v = torch.randn(B, G, T, D, requires_grad=True)
     cos = torch.ones(1, 1, T, D // 2)
     got = mod(x, q, k, v, AttentionContext(cos, cos), scale=0.7)
-    with torch.no_grad():
-        want = _reference(mod, x, q, k, v, 0.7)
+    want = _reference(mod, x, q, k, v, 0.7)
     assert (got - want).abs().max() < 1e-5
+    # the gradients too: the selected branch's in-place softmax and fp32 scatter-sum must back-propagate exactly
+    inputs = (q, k, v, mod.gate_proj.weight, mod.pool_logits)
+    want_grads = torch.autograd.grad(want.square().sum(), inputs)
     got.square().sum().backward()
-    for t in (q, k, v, mod.gate_proj.weight, mod.pool_logits):
+    for t, w in zip(inputs, want_grads):
         assert t.grad is not None and t.grad.abs().sum() > 0
+        assert (t.grad - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3-debug", "llama-3-8b-debug"])
