@@ -135,6 +135,21 @@ def test_staged_run_freezes_bitwise_and_writes_outputs(tiny_model_dir, chats_fil
         assert ds.from_pretrained(again / "checkpoints/step_000001")(ids).logits.shape == base_logits.shape
 
 
+def test_no_train_mtp_keeps_the_mtp_modules_bitwise(tiny_model_dir, chats_file, tmp_path):
+    before = ds.from_pretrained(tiny_model_dir).state_dict()
+    assert any(k.startswith("mtp.") for k in before)  # the tiny model has an MTP module to keep
+    out = tmp_path / "run"
+    tune = TuneConfig(task="sft", ewc_batches=0, train_mtp=False)
+    finetune(tiny_model_dir, _cfg(out, steps=2, lr=3e-3), tune, data=str(chats_file), steps_given=True)
+    saved = load_file(str(out / "checkpoints/step_000002/tuned.safetensors"))
+    assert saved and not any(k.startswith("mtp.") for k in saved)  # the trunk trained, MTP did not
+    after = ds.from_pretrained(out / "model").state_dict()
+    assert not torch.equal(after["layers.0.self_attn.o_proj.weight"], before["layers.0.self_attn.o_proj.weight"])
+    for k, v in before.items():
+        if k.startswith("mtp."):
+            assert torch.equal(after[k], v), f"{k} moved with --no-train-mtp"
+
+
 def test_resume_after_a_kill_is_exact(tiny_model_dir, chats_file, tmp_path):
     tune = TuneConfig(lora_r=4, task="sft", ewc_batches=0)
     straight = tmp_path / "straight"

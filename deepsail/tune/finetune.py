@@ -78,6 +78,12 @@ class TuneConfig:
     ewc_batches: int = knob(
         8, "Batches for the Fisher information saved in RUN/model (for a later --ewc-lambda); 0 = none."
     )
+    train_mtp: bool = knob(
+        True,
+        "Train the MTP modules too, on their own loss (keeps `serve --speculative mtp` drafting well, and on the R1 "
+        "recipe's 11M model it helps the trunk: held-out 79.5% vs 64.0% after SFT). --no-train-mtp keeps them at "
+        "the base's weights and runs the head on the reply tokens only: 2.0x the tok/s there (3,100 vs 1,530).",
+    )
     qat: str = knob("", "Quantization-aware training: int8 | int4 (fake-quantized weights); also writes RUN/quantized.")
     qat_group_size: int = knob(64, "--qat int4: weights per scale/zero group (32, 64 or 128).")
 
@@ -397,7 +403,7 @@ def finetune(
         stages = [dataclasses.replace(s, layers=tuple(dict.fromkeys((*s.layers, "head")))) for s in stages]
     ever_trained: set[str] = set()
     for stage in stages:  # every stage's layers exist before the first one trains (no half-run on a typo)
-        select_trainable(model, stage.layers, f"{tune.stages or 'finetune'}: stage {stage.name!r}")
+        select_trainable(model, stage.layers, f"{tune.stages or 'finetune'}: stage {stage.name!r}", tune.train_mtp)
         ever_trained |= {n for n, p in model.named_parameters() if p.requires_grad}
 
     # --- EWC: hold what the previous task relied on, anchored at the weights this run starts from ---
@@ -428,7 +434,7 @@ def finetune(
     for k, stage in enumerate(stages, start=1):
         stage_out = out if len(stages) == 1 else out / "stages" / f"{k}_{stage.name}"
         where = f"{tune.stages or 'finetune'}: stage {stage.name!r}"
-        n_trainable = select_trainable(model, stage.layers, where)
+        n_trainable = select_trainable(model, stage.layers, where, tune.train_mtp)
         touched |= {n for n, p in model.named_parameters() if p.requires_grad}
         steps = stage.steps or max(1, math.ceil(stage.epochs * batches_per_epoch / cfg.grad_accum))
         stage_cfg = cfg.replace(

@@ -83,8 +83,11 @@ def read_stages(path: str | Path) -> list[Stage]:
     return stages
 
 
-def select_trainable(model: nn.Module, layers: tuple[int | str, ...], where: str = "stage") -> int:
+def select_trainable(
+    model: nn.Module, layers: tuple[int | str, ...], where: str = "stage", train_mtp: bool = True
+) -> int:
     """Freeze everything, then unfreeze what `layers` names; returns the number of trainable parameters.
+    `train_mtp=False` keeps the MTP modules frozen even under "all".
 
     `model` is a deepsail Transformer, or a task model whose `trunk` is one (a classifier's `score` counts as head).
     """
@@ -117,4 +120,6 @@ def select_trainable(model: nn.Module, layers: tuple[int | str, ...], where: str
     model.requires_grad_(False)
     for p in selected:
         p.requires_grad_(True)
+    if not train_mtp and hasattr(trunk, "mtp"):
+        trunk.mtp.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
