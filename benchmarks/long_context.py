@@ -3,6 +3,7 @@
     python benchmarks/long_context.py                      # 1k/4k/16k prefill + decode, then the quality runs
     python benchmarks/long_context.py --skip-quality       # timings only (~5 min on 2 busy cores)
     python benchmarks/long_context.py --gpu                # on CUDA, + 64k
+    python benchmarks/long_context.py --skip-quality --bf16 --lengths 16384   # CPU timings in bf16
 
 Timing: one model config (deepseek-v3-mini-dense's width: MLA, 4 heads, hidden 256, dense MLP), built twice with
 the same seed, once with each attention. Per length, the two sides alternate `--repeats` times; each repeat is a
@@ -251,6 +252,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 and add 64k")
+    p.add_argument("--bf16", action="store_true", help="time in bf16 on CPU too (AMX / AVX512-BF16)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the free cores)")
@@ -274,7 +276,7 @@ def main() -> None:
     else:
         use_free_cores()
     device = "cuda" if a.gpu else "cpu"
-    dtype = torch.bfloat16 if a.gpu else torch.float32
+    dtype = torch.bfloat16 if a.gpu or a.bf16 else torch.float32
     header = (
         f"{device} ({torch.cuda.get_device_name() if a.gpu else f'{os.cpu_count()} cores'}), "
         f"{torch.get_num_threads()} threads, {dtype}, torch {torch.__version__} | load {os.getloadavg()} | hybrid: "
