@@ -11,9 +11,9 @@
 # 100% (the goal is half). On 1,000 held-out problems the same two models score 83.2% and 91.7% (51% of the gap).
 # Before SFT took batches of 2 (batches of 4, as many tokens): SFT 37.0% -> GRPO 65.5% (45%), and 14 GRPO variants
 # from that SFT model (beta, G, P, lr, temperature, steps / process rewards) all landed at 50-66%.
-# Pretraining is not idle time (measured with the batch-4 SFT): with 3 minutes instead of 5 the SFT model reached 19.5% and 150 GRPO steps did not
-# move it (15%), and 5 minutes on this machine at a busy hour (1.4x slower) gave an SFT model at 16.5%; a policy has
-# to be right often enough for groups to disagree.
+# Pretraining is not idle time (measured with the batch-4 SFT): with 3 minutes instead of 5 the SFT model reached
+# 19.5% and 150 GRPO steps did not move it (15%), and 5 minutes on this machine at a busy hour (1.4x slower) gave an
+# SFT model at 16.5%; a policy has to be right often enough for groups to disagree.
 #
 # Outputs: runs/r1/{base,sft,grpo}/report.md; runs/r1/grpo/grpo.png holds the reward, accuracy, KL, reply length
 # and clip-fraction curves, runs/r1/summary.md the three-row table.
