@@ -634,8 +634,8 @@ def dpo(
     lora_cfg = tune.lora()
     if lora_cfg is not None:
         L.apply_lora(model, lora_cfg, freeze=True)
-    select_trainable(model, ("lora",) if lora_cfg else ("all",), "dpo")
-    model.mtp.requires_grad_(False)  # the DPO loss never reaches the MTP modules: their weights stay the base's
+    # the DPO loss never reaches the MTP modules: their weights stay the base's
+    select_trainable(model, ("lora",) if lora_cfg else ("all",), "dpo", train_mtp=False)
     touched = {n for n, p in model.named_parameters() if p.requires_grad}
     steps = cfg.steps if steps_given else max(1, math.ceil(tune.epochs * batches.batches_per_epoch / cfg.grad_accum))
     run_cfg = cfg.replace(
