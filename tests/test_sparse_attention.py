@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import deepsail as ds
+from deepsail.infer import Engine, EngineConfig, SamplingParams, generate
 from deepsail.model import ModelConfig, Transformer
+from deepsail.model.cache import KVPool
 from deepsail.model.attention import AttentionContext
 from deepsail.model.sparse_attention import HybridSparseAttention
 
@@ -81,23 +83,32 @@ def test_branches_match_a_per_query_reference(G):
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3-debug", "llama-3-8b-debug"])
-def test_hybrid_model_is_causal_and_decodes_like_the_full_forward(name):
+def test_hybrid_model_is_causal_and_decodes_like_the_full_forward(name, monkeypatch):
     """Changing tokens after position t changes no logit at or before t (selection included), and prefill +
-    continued prefill + 1-token decode through the paged cache, and the stateless past, equal the full forward."""
+    continued prefill + 1-token decode through the paged cache, and the stateless past, equal the full forward.
+    The paged cache decodes through the pooled-block stores where page and block sizes divide (pages of 4 and of 1
+    token, blocks of 2) and re-pools the history where they do not (pages of 3)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(name).replace(**HYBRID)).eval()
     V = model.config.vocab_size
     ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    paged = []
+    real_paged = HybridSparseAttention.paged
+    monkeypatch.setattr(HybridSparseAttention, "paged", lambda *a, **k: paged.append(1) or real_paged(*a, **k))
     with torch.no_grad():
         full = model(ids).logits
         for t in (5, 13):
             other = ids.clone()
             other[:, t + 1 :] = torch.randint(0, V, (2, 23 - t))
             assert (model(other).logits[:, : t + 1] - full[:, : t + 1]).abs().max() < 1e-6
-        cache = model.new_cache(2, 32, block_size=4)
-        steps = [model(ids[:, :9], cache=cache).logits, model(ids[:, 9:17], cache=cache).logits]
-        steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(17, 24)]
-        assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+        for block_size, stores in ((4, True), (1, True), (3, False)):
+            paged.clear()
+            cache = model.new_cache(2, 32, block_size=block_size)
+            assert (cache.pool.kc is not None) == stores
+            steps = [model(ids[:, :9], cache=cache).logits, model(ids[:, 9:17], cache=cache).logits]
+            steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(17, 24)]
+            assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+            assert len(paged) == (8 * model.config.num_hidden_layers if stores else 0)
         out = model(ids[:, :10], past=model.new_past(2))
         last = model(ids[:, 10:], past=out.present).logits
         assert (torch.cat((out.logits, last), 1) - full).abs().max() < 1e-4
@@ -105,6 +116,37 @@ def test_hybrid_model_is_causal_and_decodes_like_the_full_forward(name):
             mask = torch.ones(2, 24, dtype=torch.long)
             mask[1, :3] = 0
             model(ids, past=model.new_past(2), attention_mask=mask)
+
+
+def test_engine_serves_hybrid_with_shared_prefixes_and_preemption():
+    """The engine's shared prefix pages carry their pooled blocks; a preempted request recomputes them; greedy output
+    equals one request at a time. Compiled decode leaves a hybrid model eager (its sizes grow with the context)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("deepseek-v3-debug").replace(num_nextn_predict_layers=0, **HYBRID)).eval()
+    shared = list(range(60, 76))  # 4 full pages of 4: shared by the later requests
+    prompts = [shared + [1, 2], shared + [3], list(range(5, 19)), shared + [4, 5, 6]]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = [generate(model, None, p, greedy)[0].token_ids for p in prompts]
+    engine = Engine(model, None, EngineConfig(block_size=4, num_blocks=14, max_batch_size=4, compile_decode=True))
+    assert engine.pool.kc is not None and not model.compiled_decode.ok
+    first = engine.submit(prompts[0], greedy)
+    engine.run_until_idle()
+    rest = [engine.submit(p, greedy) for p in prompts[1:]]
+    engine.run_until_idle()
+    assert [h.result(timeout=0)[1] for h in [first, *rest]] == want
+    stats = engine.stats()
+    assert stats["prefix_hits"] >= 16 and stats["preemptions"] > 0 and model.compiled_decode.runs["step"] == 0
+
+
+def test_pool_counts_the_pooled_block_stores():
+    """A hybrid pool's bytes per token (what the engine's KV budget divides) include the pooled keys and values: one
+    of each per block, at its last token's slot // min(page, block)."""
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(**HYBRID)
+    plain = KVPool(cfg.replace(sparse_attention="none"), num_blocks=8, block_size=4)
+    pool = KVPool(cfg, num_blocks=8, block_size=4)
+    assert pool.compress_stride == 2 and pool.kc[0].shape == (16, *plain.k[0].shape[1:])
+    assert pool.bytes_per_token == plain.bytes_per_token * 2
+    assert KVPool(cfg, num_blocks=8, block_size=3).kc is None
 
 
 def test_hybrid_trains_saves_and_reloads(tmp_path):

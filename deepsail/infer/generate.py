@@ -224,7 +224,7 @@ def _copy_rows(cache: KVCache, src_R: torch.Tensor) -> None:
     if torch.equal(src_R.cpu(), torch.arange(R)):
         return
     src = src_R.to(cache.lens.device)
-    for store in cache.pool.k + (cache.pool.v or []):
+    for store in cache.pool.stores():
         rows = store.view(R, -1, *store.shape[1:])
         rows.copy_(rows.index_select(0, src))
 

@@ -16,9 +16,10 @@ Speculative decoding (generate's and the engine's) runs through two more graphs 
 of up to MAX_TOKENS tokens each (the verify forward over [t_n, d_1..d_k]) -> the last block's output, and `mtp`,
 the MTP module's catch-up and drafting steps. Each new feed length T is one more graph (k + 1 and 1 in practice).
 
-It applies to a plain model in eval mode (no LoRA, no quantized layers: their wrappers are their own code) in the
-decode phase: something cached in every row and a short feed (a prefill runs eager), and a full cache raises the
-eager forward's overflow error. Greedy output, speculative included, is identical to eager (tests/test_generate.py).
+It applies to a plain model in eval mode (no LoRA, no quantized layers: their wrappers are their own code; no
+hybrid sparse attention, whose sizes grow with the context) in the decode phase: something cached in every row and
+a short feed (a prefill runs eager), and a full cache raises the eager forward's overflow error. Greedy output,
+speculative included, is identical to eager (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ class CompiledDecode:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.ok = _plain(model)
+        # Hybrid sparse attention stays eager: its block counts grow with the context (the number of pooled blocks,
+        # the selection's candidates), sizes a graph would specialise on — a recompile every compress_block tokens
+        # (30 decode steps of a debug model: 36 graphs, 60 s, against 0.1 s eager).
+        self.ok = _plain(model) and getattr(model.config, "sparse_attention", "none") == "none"
         self._graphs: dict[str, Any] = {}
         self._marked_pool: Any = None
         self.runs = {"step": 0, "hidden": 0, "mtp": 0}  # forwards each graph ran (for tests and benchmarks)
@@ -130,7 +134,7 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(ctx.read_slots, 1)  # the key length: one graph as the context grows
         torch._dynamo.mark_dynamic(ctx.mask, 3)
         if cache.pool is not self._marked_pool:  # and one for every pool size (each generate() makes its own)
-            for store in cache.pool.k + (cache.pool.v or []):
+            for store in cache.pool.stores():
                 torch._dynamo.mark_dynamic(store, 0)
             self._marked_pool = cache.pool
         if B > 1:

@@ -8,7 +8,8 @@ Both run in one of two modes, chosen once per forward by `AttentionContext`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ class AttentionContext:
     write_rows: torch.Tensor | None = None  # [N] their flat indices in the [B*T] batch
     read_slots: torch.Tensor | None = None  # [B, L] pool slot of every key position (0 where masked)
     mask: torch.Tensor | None = None  # [B, 1, T, L] True where a query may attend a key
+    input_lens: torch.Tensor | None = None  # [B] new tokens of each row, with a cache (the rest is right padding)
     fresh: bool = True  # no row has cached tokens: plain causal attention over the new tokens
     # False: bidirectional attention over the new tokens (an encoder, e.g. multimodal/align.py's text encoder), with
     # `mask` [B, 1, 1 or T, T] saying which keys are real; only without a cache.
@@ -89,6 +91,7 @@ class AttentionContext:
     # them): the layer's entries for the new tokens are appended and the result is its `present`.
     past: list[tuple[torch.Tensor, ...]] | None = None
     present: list[tuple[torch.Tensor, ...]] | None = None
+    scratch: dict[str, Any] = field(default_factory=dict)  # what every layer's first user computes once per forward
 
     def encoder_mask(self) -> torch.Tensor | None:
         """The padding mask of a bidirectional pass (None for a causal one, whose mask SDPA builds itself)."""
@@ -137,6 +140,8 @@ class GroupedQueryAttention(nn.Module):
             pool = ctx.cache.pool
             ctx.write(pool.k[self.layer_idx], k.transpose(1, 2))
             ctx.write(pool.v[self.layer_idx], v.transpose(1, 2))
+            if self.sparse is not None and pool.kc is not None:
+                self.sparse.write_blocks(ctx, self.layer_idx)
         return k, v
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -145,7 +150,9 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rope(q, ctx.cos, ctx.sin, self.interleave)
         k, v = self.write_kv(x_BTD, ctx)
         gqa = self.n_kv != self.n_heads
-        if self.sparse is not None:  # hybrid sparse attention over every key so far (sparse_attention.py)
+        if self.sparse is not None and self.sparse.reads_pages(ctx, T):  # a decode step: what it needs from the pool
+            out = self.sparse.paged(x_BTD, q, ctx, self.layer_idx, self.scale)
+        elif self.sparse is not None:  # hybrid sparse attention over every key so far (sparse_attention.py)
             if not ctx.fresh:
                 k, v = (
                     e.transpose(1, 2).to(q.dtype)
@@ -201,6 +208,8 @@ class MultiHeadLatentAttention(nn.Module):
         entries = torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1)
         if ctx.cache is not None:
             ctx.write(ctx.cache.pool.k[self.layer_idx], entries)
+            if self.sparse is not None and ctx.cache.pool.kc is not None:
+                self.sparse.write_blocks(ctx, self.layer_idx)
         return entries
 
     def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -229,20 +238,22 @@ class MultiHeadLatentAttention(nn.Module):
             )[..., : self.v_dim]
         else:  # absorbed path: q_nope·(W_UK c) = (q_nope W_UK)·c, and the output is W_UV (attn·c)
             # (hybrid sparse attention always takes this path: one latent key head shared by all query heads)
-            (latent,) = (entries,) if ctx.fresh else ctx.history(self.layer_idx, entries)  # [B, L, r + rope]
-            latent = latent.to(q.dtype)
             w = self.kv_b_proj.effective_weight()  # [H·(nope+v), r], or [B, H·(nope+v), r] with per-row adapters
             w_kv_b = w.view(*w.shape[:-2], H, self.nope_dim + self.v_dim, r).to(q.dtype)
             # matmul broadcasting over heads rather than einsum: same bmm, without einsum's per-call planning
             q_latent = q_nope @ w_kv_b[..., : self.nope_dim, :]  # [B, H, T, r]
             query = torch.cat((q_latent, q_rope), dim=-1)
-            key = latent[:, None]
-            # Values are the latents c_kv: pass the whole cache row as value (same head dim as the key, so the fused
-            # kernel runs) and drop the rope columns of the output.
-            if self.sparse is not None:
-                out_latent = self.sparse(x_BTD, query, key, None, ctx, self.scale, v_dim=r)
+            if self.sparse is not None and self.sparse.reads_pages(ctx, T):  # a decode step: only the rows it reads
+                out_latent = self.sparse.paged(x_BTD, query, ctx, self.layer_idx, self.scale, v_dim=r)
             else:
-                out_latent = masked_attention(query, key, key, ctx.mask, self.scale)[..., :r]
+                (latent,) = (entries,) if ctx.fresh else ctx.history(self.layer_idx, entries)  # [B, L, r + rope]
+                key = latent.to(q.dtype)[:, None]
+                # Values are the latents c_kv: pass the whole cache row as value (same head dim as the key, so the
+                # fused kernel runs) and drop the rope columns of the output.
+                if self.sparse is not None:
+                    out_latent = self.sparse(x_BTD, query, key, None, ctx, self.scale, v_dim=r)
+                else:
+                    out_latent = masked_attention(query, key, key, ctx.mask, self.scale)[..., :r]
             out = out_latent @ w_kv_b[..., self.nope_dim :, :].transpose(-1, -2)  # [B, H, T, v]
         if self.gate is not None:
             out = self.gate(x_BTD, out)

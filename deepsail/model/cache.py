@@ -45,11 +45,31 @@ class KVPool:
             shape = (slots, config.num_key_value_heads, config.head_dim)
             self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
             self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        # Hybrid sparse attention's pooled blocks (model/sparse_attention.py), so a decode step reads L/compress_block
+        # of them instead of re-pooling the whole history: block i's pooled key and value sit at its last token's
+        # slot // stride. With one of block_size and compress_block dividing the other, that index is unique, and a
+        # block lies in the pages up to its last token's: pages shared for a common prefix share its entries too.
+        # Otherwise (e.g. pages of 48 tokens, blocks of 32) there is no store and decode re-pools (still exact).
+        self.kc: list[torch.Tensor] | None = None
+        self.vc: list[torch.Tensor] | None = None
+        self.compress_stride = 0
+        c = config.compress_block
+        if config.sparse_attention == "hybrid" and (block_size % c == 0 or c % block_size == 0):
+            self.compress_stride = min(c, block_size)
+            shape = (slots // self.compress_stride, *self.k[0].shape[1:])
+            self.kc = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+            self.vc = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+
+    def stores(self) -> list[torch.Tensor]:
+        """Every tensor of the pool (all layers), each with one row per slot or per `compress_stride` slots."""
+        return self.k + (self.v or []) + (self.kc or []) + (self.vc or [])
 
     @property
     def bytes_per_token(self) -> int:
         per_layer = self.k[0][0].numel() * (1 if self.v is None else 2)
-        return per_layer * self.num_layers * self.k[0].element_size()
+        if self.kc is not None:
+            per_layer += 2 * self.kc[0][0].numel() / self.compress_stride
+        return int(per_layer * self.num_layers * self.k[0].element_size())
 
 
 @dataclass

@@ -40,6 +40,10 @@ class AttentionContext(Protocol):
     mask: torch.Tensor | None
     fresh: bool
     past: Any
+    cache: Any
+    read_slots: torch.Tensor | None
+    input_lens: torch.Tensor | None
+    scratch: dict[str, Any]
 
 
 WINDOW_CHUNK = 128  # queries per window chunk: each chunk attends chunk + window keys (16k tokens: 0.108 s at 128,
@@ -77,12 +81,121 @@ class HybridSparseAttention(nn.Module):
         B, T, _ = x_BTD.shape
         start_B = query_starts(ctx, B, T, k_BGLD.shape[2])
         w_win = window_attention(q_BHTD, k_BGLD, v_BGLV, start_B, self.window, scale, v_dim)
+        kc_BGCD, vc_BGCV = pool_blocks(k_BGLD, _values(k_BGLD, v_BGLV, v_dim), self.pool_logits)
         w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
-            q_BHTD, k_BGLD, v_BGLV, start_B, self.pool_logits, self.window, self.select, self.top_k, scale, v_dim
+            q_BHTD, kc_BGCD, vc_BGCV, start_B, self.compress, self.window, self.select, self.top_k, scale
         )
         w_sel = selected_attention(q_BHTD, k_BGLD, v_BGLV, idx_BGTK, ok_BGTK, self.select, scale, v_dim)
-        g_BHT3 = torch.sigmoid(self.gate_proj(x_BTD)).view(B, T, self.n_heads, 3).transpose(1, 2).to(w_win.dtype)
-        return g_BHT3[..., 0:1] * w_win + g_BHT3[..., 1:2] * w_cmp + g_BHT3[..., 2:3] * w_sel
+        return self._mix(x_BTD, w_win, w_cmp, w_sel)
+
+    def _mix(self, x_BTD: torch.Tensor, *branches_BHTV: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        g_BHT3 = torch.sigmoid(self.gate_proj(x_BTD)).view(B, T, self.n_heads, 3).transpose(1, 2)
+        g_BHT3 = g_BHT3.to(branches_BHTV[0].dtype)
+        return sum(g_BHT3[..., i : i + 1] * w for i, w in enumerate(branches_BHTV))
+
+    # --- decode against the paged cache ------------------------------------------------------------------------
+    def reads_pages(self, ctx: AttentionContext, T: int) -> bool:
+        """Whether this forward takes `paged`: a few new tokens per row after cached ones, with the pool holding
+        the pooled blocks (KVPool.kc). A prefill or a long continuation gathers the whole history instead."""
+        return ctx.cache is not None and not ctx.fresh and ctx.cache.pool.kc is not None and T <= PAGED_QUERIES
+
+    def paged(
+        self,
+        x_BTD: torch.Tensor,
+        q_BHTD: torch.Tensor,
+        ctx: AttentionContext,
+        layer: int,
+        scale: float,
+        v_dim: int | None = None,
+    ) -> torch.Tensor:
+        """The three branches reading only what they need from the pool: the window's keys, the pooled blocks (kept
+        by `write_blocks` as each block completes) and the selected blocks' keys — O(window + L/compress_block +
+        top_k·select_block) rows per query instead of the whole history. Same numbers as `forward` (tested)."""
+        pool, read_BL = ctx.cache.pool, ctx.read_slots
+        B, H, T, _ = q_BHTD.shape
+        L, dev = read_BL.shape[1], q_BHTD.device
+        mla = pool.v is None
+        start_B = ctx.cache.lens  # the cache path's first query position, before this forward advances it
+
+        def rows(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # [B, ...] slots -> [B, G, ..., D]
+            got = store[slots].to(q_BHTD.dtype)
+            return got.unsqueeze(1) if mla else got.movedim(-2, 1)
+
+        # window: the W + T - 1 positions up to the last query, one SDPA call under a band mask
+        off_B = (start_B - self.window + 1).clamp(min=0)
+        span_S = torch.arange(self.window + T - 1, device=dev)
+        slots_BS = read_BL.gather(1, (off_B[:, None] + span_S).clamp(max=L - 1))
+        k_win = rows(pool.k[layer], slots_BS)
+        v_win = k_win if mla else rows(pool.v[layer], slots_BS)  # MLA: the whole row as value, cut after
+        rel_BTS = (start_B - off_B)[:, None, None] + torch.arange(T, device=dev)[:, None] - span_S
+        band = ((rel_BTS >= 0) & (rel_BTS < self.window))[:, None]
+        w_win = F.scaled_dot_product_attention(
+            q_BHTD, k_win, v_win, attn_mask=band, scale=scale, enable_gqa=k_win.shape[1] != H
+        )
+        w_win = w_win[..., :v_dim] if mla else w_win
+        # compressed: the pooled block i lives at its last token's slot // stride
+        nC = int(start_B.max() + T) // self.compress
+        last_BC = read_BL[:, self.compress - 1 : nC * self.compress : self.compress]
+        kc_BGCD = rows(pool.kc[layer], last_BC // pool.compress_stride)
+        vc_BGCV = rows(pool.vc[layer], last_BC // pool.compress_stride)
+        if mla:
+            vc_BGCV = vc_BGCV[..., :v_dim]
+        w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
+            q_BHTD, kc_BGCD, vc_BGCV, start_B, self.compress, self.window, self.select, self.top_k, scale
+        )
+        # selected: each query's top_k blocks, gathered per query (T is small here)
+        G, S = idx_BGTK.shape[1], self.select
+        pos = (idx_BGTK[..., None] * S + torch.arange(S, device=dev)).flatten(-2)  # [B, G, T, K·S]
+        slots = read_BL.gather(1, pos.flatten(1).clamp(max=L - 1)).view_as(pos)
+        if mla:
+            k_sel = pool.k[layer][slots].to(q_BHTD.dtype)  # [B, 1, T, K·S, r + rope]
+            v_sel = k_sel[..., :v_dim]
+        else:
+            heads = torch.arange(G, device=dev)[None, :, None, None]
+            k_sel = pool.k[layer][slots, heads].to(q_BHTD.dtype)
+            v_sel = pool.v[layer][slots, heads].to(q_BHTD.dtype)
+        q_BGThD = q_BHTD.unflatten(1, (G, H // G)).transpose(2, 3)
+        s = (q_BGThD @ k_sel.transpose(-1, -2)).float() * scale  # [B, G, T, Hg, K·S]
+        s = s.masked_fill(~ok_BGTK.repeat_interleave(S, -1)[..., None, :], float("-inf"))
+        p = torch.cat((s, s.new_zeros(*s.shape[:-1], 1)), -1).softmax(-1)[..., :-1]  # + the zero sink
+        w_sel = (p.to(v_sel.dtype) @ v_sel).transpose(2, 3).flatten(1, 2)
+        return self._mix(x_BTD, w_win, w_cmp, w_sel)
+
+    def write_blocks(self, ctx: AttentionContext, layer: int) -> None:
+        """Pool each block this forward completes (its keys already in the pool) into KVPool.kc/vc, where `paged`
+        reads it. Also in a prefill, and for a token leaving the layer early: whatever later tokens will read."""
+        pool = ctx.cache.pool
+        plan = ctx.scratch.get("new_blocks")
+        if plan is None:
+            plan = ctx.scratch["new_blocks"] = _new_blocks(ctx, self.compress, pool.compress_stride)
+        slots_NC, index_N = plan
+        if index_N.numel() == 0:
+            return
+        w_k, w_v = self.pool_logits.detach().float().softmax(-1)
+        keys = pool.k[layer][slots_NC].float()  # [N, c, ...]
+        values = keys if pool.v is None else pool.v[layer][slots_NC].float()
+        pool.kc[layer][index_N] = torch.einsum("nc...,c->n...", keys, w_k).to(pool.kc[layer].dtype)
+        pool.vc[layer][index_N] = torch.einsum("nc...,c->n...", values, w_v).to(pool.vc[layer].dtype)
+
+
+PAGED_QUERIES = 64  # new tokens per row up to which `paged` runs (decode, speculative verify, short continuations)
+
+
+def _new_blocks(ctx: AttentionContext, c: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots [N, c] of the blocks this forward completes (row b's blocks lens_b // c .. (lens_b + n_b) // c - 1)
+    and where each one's pooled entry goes: its last token's slot // stride. Computed once per forward."""
+    cache = ctx.cache
+    lens, dev = cache.lens, cache.lens.device
+    first, end = lens // c, (lens + ctx.input_lens) // c
+    counts = end - first
+    N = int(counts.sum())
+    row_N = torch.repeat_interleave(torch.arange(len(lens), device=dev), counts, output_size=N)
+    block_N = first[row_N] + torch.arange(N, device=dev) - (counts.cumsum(0) - counts)[row_N]
+    pos_NC = block_N[:, None] * c + torch.arange(c, device=dev)
+    bs = cache.pool.block_size
+    slots_NC = cache.block_table[row_N[:, None], pos_NC // bs] * bs + pos_NC % bs
+    return slots_NC, slots_NC[:, -1] // stride
 
 
 def make_sparse(config: ModelConfig) -> HybridSparseAttention | None:
@@ -150,32 +263,39 @@ def window_attention(
     return out[..., :v_dim] if v_BGLV is None else out
 
 
+def pool_blocks(
+    k_BGLD: torch.Tensor, values_BGLV: torch.Tensor, pool_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled key and value of every complete `compress_block`-token block: [B, G, L // c, D] and [.., V]."""
+    c = pool_logits.shape[1]
+    nC = k_BGLD.shape[2] // c
+    w_k, w_v = pool_logits.float().softmax(-1).to(k_BGLD.dtype)
+    kc_BGCD = torch.einsum("bgncd,c->bgnd", k_BGLD[:, :, : nC * c].unflatten(2, (nC, c)), w_k)
+    vc_BGCV = torch.einsum("bgncd,c->bgnd", values_BGLV[:, :, : nC * c].unflatten(2, (nC, c)), w_v)
+    return kc_BGCD, vc_BGCV
+
+
 def compressed_attention(
     q_BHTD: torch.Tensor,
-    k_BGLD: torch.Tensor,
-    v_BGLV: torch.Tensor | None,
+    kc_BGCD: torch.Tensor,
+    vc_BGCV: torch.Tensor,
     start_B: torch.Tensor,
-    pool_logits: torch.Tensor,
+    c: int,
     window: int,
     select: int,
     top_k: int,
     scale: float,
-    v_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention over pooled blocks, and each query's selection from it.
+    """Attention over the pooled blocks (`pool_blocks`, or the paged cache's stores), and each query's selection.
 
     Returns the branch output [B, H, T, V], the selected block ids [B, G, T, top_k] and whether each is real
     (a query early in the text has fewer candidate blocks than top_k). Block i is visible to a query at position p
     once complete, (i + 1)·compress <= p + 1. A zero key with a zero value (a sink: logit 0) is always visible, so a
     query with no complete block yet gets 0 rather than NaN, and a head can put its weight nowhere."""
     B, H, T, D = q_BHTD.shape
-    G, L = k_BGLD.shape[1], k_BGLD.shape[2]
-    c = pool_logits.shape[1]
-    nC, per = L // c, select // c
-    values = _values(k_BGLD, v_BGLV, v_dim)
-    w_k, w_v = pool_logits.float().softmax(-1).to(q_BHTD.dtype)
-    kc_BGCD = torch.einsum("bgncd,c->bgnd", k_BGLD[:, :, : nC * c].unflatten(2, (nC, c)), w_k)
-    vc_BGCV = torch.einsum("bgncd,c->bgnd", values[:, :, : nC * c].unflatten(2, (nC, c)), w_v)
+    G, nC = kc_BGCD.shape[1], kc_BGCD.shape[2]
+    per = select // c
+    kc_BGCD, vc_BGCV = kc_BGCD.to(q_BHTD.dtype), vc_BGCV.to(q_BHTD.dtype)
     # the sink as block 0: its logit and value come out of the same products, no [T, blocks] concatenation
     kc_BGCD, vc_BGCV = F.pad(kc_BGCD, (0, 0, 1, 0)), F.pad(vc_BGCV, (0, 0, 1, 0))
     q_BGHTD = q_BHTD.unflatten(1, (G, H // G))

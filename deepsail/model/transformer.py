@@ -224,6 +224,7 @@ class Transformer(HFCheckpoint, nn.Module):
             )
         write_rows = valid.flatten().nonzero().squeeze(1)
         ctx = AttentionContext(cos, sin, cache, write_slots=slots.flatten()[write_rows], write_rows=write_rows)
+        ctx.input_lens = input_lens
         ctx.fresh = int(cache.lens.max()) == 0
         if not ctx.fresh:
             total = cache.lens + input_lens
