@@ -88,11 +88,10 @@ class HybridSparseAttention(nn.Module):
         w_sel = selected_attention(q_BHTD, k_BGLD, v_BGLV, idx_BGTK, ok_BGTK, self.select, scale, v_dim)
         return self._mix(x_BTD, w_win, w_cmp, w_sel)
 
-    def _mix(self, x_BTD: torch.Tensor, *branches_BHTV: torch.Tensor) -> torch.Tensor:
+    def _mix(self, x_BTD: torch.Tensor, w_win: torch.Tensor, w_cmp: torch.Tensor, w_sel: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        g_BHT3 = torch.sigmoid(self.gate_proj(x_BTD)).view(B, T, self.n_heads, 3).transpose(1, 2)
-        g_BHT3 = g_BHT3.to(branches_BHTV[0].dtype)
-        return sum(g_BHT3[..., i : i + 1] * w for i, w in enumerate(branches_BHTV))
+        g_BHT3 = torch.sigmoid(self.gate_proj(x_BTD)).view(B, T, self.n_heads, 3).transpose(1, 2).to(w_win.dtype)
+        return g_BHT3[..., 0:1] * w_win + g_BHT3[..., 1:2] * w_cmp + g_BHT3[..., 2:3] * w_sel
 
     # --- decode against the paged cache ------------------------------------------------------------------------
     def reads_pages(self, ctx: AttentionContext, T: int) -> bool:
@@ -122,23 +121,19 @@ class HybridSparseAttention(nn.Module):
             got = store[slots].to(q_BHTD.dtype)
             return got.unsqueeze(1) if mla else got.movedim(-2, 1)
 
+        plan = ctx.scratch.get("paged")
+        if plan is None:  # where the window and the pooled blocks are: the same for every layer of this forward
+            plan = ctx.scratch["paged"] = self._paged_plan(ctx, T)
+        slots_BS, band_B1TS, pooled_BC = plan
         # window: the W + T - 1 positions up to the last query, one SDPA call under a band mask
-        off_B = (start_B - self.window + 1).clamp(min=0)
-        span_S = torch.arange(self.window + T - 1, device=dev)
-        slots_BS = read_BL.gather(1, (off_B[:, None] + span_S).clamp(max=L - 1))
         k_win = rows(pool.k[layer], slots_BS)
         v_win = k_win if mla else rows(pool.v[layer], slots_BS)  # MLA: the whole row as value, cut after
-        rel_BTS = (start_B - off_B)[:, None, None] + torch.arange(T, device=dev)[:, None] - span_S
-        band = ((rel_BTS >= 0) & (rel_BTS < self.window))[:, None]
         w_win = F.scaled_dot_product_attention(
-            q_BHTD, k_win, v_win, attn_mask=band, scale=scale, enable_gqa=k_win.shape[1] != H
+            q_BHTD, k_win, v_win, attn_mask=band_B1TS, scale=scale, enable_gqa=k_win.shape[1] != H
         )
         w_win = w_win[..., :v_dim] if mla else w_win
-        # compressed: the pooled block i lives at its last token's slot // stride
-        nC = int(start_B.max() + T) // self.compress
-        last_BC = read_BL[:, self.compress - 1 : nC * self.compress : self.compress]
-        kc_BGCD = rows(pool.kc[layer], last_BC // pool.compress_stride)
-        vc_BGCV = rows(pool.vc[layer], last_BC // pool.compress_stride)
+        # compressed: the pooled blocks from the stores
+        kc_BGCD, vc_BGCV = rows(pool.kc[layer], pooled_BC), rows(pool.vc[layer], pooled_BC)
         if mla:
             vc_BGCV = vc_BGCV[..., :v_dim]
         w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
@@ -161,6 +156,20 @@ class HybridSparseAttention(nn.Module):
         p = torch.cat((s, s.new_zeros(*s.shape[:-1], 1)), -1).softmax(-1)[..., :-1]  # + the zero sink
         w_sel = (p.to(v_sel.dtype) @ v_sel).transpose(2, 3).flatten(1, 2)
         return self._mix(x_BTD, w_win, w_cmp, w_sel)
+
+    def _paged_plan(self, ctx: AttentionContext, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The window's slots [B, W + T - 1] and band mask [B, 1, T, W + T - 1], and the store rows [B, blocks] of
+        the pooled blocks the last query can see (block i at its last token's slot // stride)."""
+        read_BL, start_B, dev = ctx.read_slots, ctx.cache.lens, ctx.read_slots.device
+        L = read_BL.shape[1]
+        off_B = (start_B - self.window + 1).clamp(min=0)
+        span_S = torch.arange(self.window + T - 1, device=dev)
+        slots_BS = read_BL.gather(1, (off_B[:, None] + span_S).clamp(max=L - 1))
+        rel_BTS = (start_B - off_B)[:, None, None] + torch.arange(T, device=dev)[:, None] - span_S
+        band_B1TS = ((rel_BTS >= 0) & (rel_BTS < self.window))[:, None]
+        nC = int(start_B.max() + T) // self.compress
+        last_BC = read_BL[:, self.compress - 1 : nC * self.compress : self.compress]
+        return slots_BS, band_B1TS, last_BC // ctx.cache.pool.compress_stride
 
     def write_blocks(self, ctx: AttentionContext, layer: int) -> None:
         """Pool each block this forward completes (its keys already in the pool) into KVPool.kc/vc, where `paged`
