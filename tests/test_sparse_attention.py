@@ -12,8 +12,8 @@ import torch
 import deepsail as ds
 from deepsail.infer import Engine, EngineConfig, SamplingParams, generate
 from deepsail.model import ModelConfig, Transformer
-from deepsail.model.cache import KVPool
 from deepsail.model.attention import AttentionContext
+from deepsail.model.cache import KVPool
 from deepsail.model.sparse_attention import HybridSparseAttention
 
 # small numbers so ~20 tokens exercise every branch: several compressed blocks, candidates outside the window
