@@ -318,7 +318,7 @@ def compressed_attention(
         pos_BT = start_B[:, None] + torch.arange(t0, t1, device=dev)
         # Blocks before `lo` are complete for every query of the chunk; only [lo, n_vis) needs the causal mask.
         lo, n_vis = (int(pos_BT.min()) + 1) // c, min(nC, (int(pos_BT.max()) + 1) // c)
-        scores = (q_BGHTD[:, :, :, t0:t1] @ kc_BGCD[:, :, None, : n_vis + 1].transpose(-1, -2)).float() * scale
+        scores = ((q_BGHTD[:, :, :, t0:t1] * scale) @ kc_BGCD[:, :, None, : n_vis + 1].transpose(-1, -2)).float()
         if n_vis > lo:
             hidden_BTC = torch.arange(lo, n_vis, device=dev) >= ((pos_BT + 1) // c)[..., None]
             scores[..., lo + 1 :].masked_fill_(hidden_BTC[:, None, None], float("-inf"))
