@@ -138,6 +138,19 @@ def test_engine_serves_hybrid_with_shared_prefixes_and_preemption():
     assert stats["prefix_hits"] >= 16 and stats["preemptions"] > 0 and model.compiled_decode.runs["step"] == 0
 
 
+def test_speculative_decoding_with_hybrid_equals_greedy():
+    """Verify forwards write pooled blocks that rejected drafts completed; after the rollback the block completes
+    again with the accepted tokens and is rewritten, so self-speculative output stays the greedy output."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("deepseek-v3-debug").replace(**HYBRID)).eval()
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [list(range(5, 25)), list(range(30, 37))]
+    for prompt in prompts:
+        want = generate(model, None, prompt, greedy)[0]
+        got = generate(model, None, prompt, greedy, speculative=2)[0]
+        assert got.token_ids == want.token_ids and got.draft_tokens > 0
+
+
 def test_pool_counts_the_pooled_block_stores():
     """A hybrid pool's bytes per token (what the engine's KV budget divides) include the pooled keys and values: one
     of each per block, at its last token's slot // min(page, block)."""
