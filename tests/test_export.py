@@ -200,6 +200,25 @@ def test_onnx_errors(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.parametrize(
+    "option, field",
+    [
+        (dict(sparse_attention="hybrid", sliding_window=3, compress_block=2, select_block=4), "sparse_attention"),
+        (dict(mod_capacity=0.5), "mod_capacity"),
+    ],
+)
+def test_exports_name_an_option_torch_export_cannot_trace(option, field, tmp_path):
+    """Data-dependent sizes (hybrid attention's selection, Mixture-of-Depths routing): both torch.export-based
+    formats refuse up front, naming the field, where the exporter would stop on a data-dependent guard."""
+    from deepsail.export.onnx import export_onnx
+
+    model = Transformer(ModelConfig.preset("deepseek-v3-debug").replace(**option)).eval()
+    for export in (lambda: export_onnx(model, tmp_path / "m.onnx"), lambda: ds.compile(model).save(tmp_path / "m.ds")):
+        with pytest.raises(ValueError, match=f"ModelConfig.{field}="):
+            export()
+    assert not list(tmp_path.iterdir())
+
+
 # --- HF, sharded -----------------------------------------------------------------------------------------------------
 def test_hf_export_sharded_loads_in_transformers(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepsail.export.pt2 import refuse_untraceable
 from deepsail.files import atomic_path
 
 ONNX_LIMIT = 2 << 30  # protobuf's 2 GiB: a bigger model's weights go to `<out>.data` beside it
@@ -68,6 +69,7 @@ def export_onnx(model: nn.Module, out: str | Path) -> Path:
 
     _require("onnx", "onnxscript")
     config = model.config
+    refuse_untraceable(config, "The ONNX export (torch.export)")
     if model.embed_tokens.weight.dtype != torch.float32:
         raise ValueError(
             f"export_onnx writes fp32 graphs; this model is {model.embed_tokens.weight.dtype}: pass model.float()"

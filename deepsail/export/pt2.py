@@ -40,6 +40,22 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids).logits
 
 
+def refuse_untraceable(config: Any, what: str) -> None:
+    """The options whose sizes depend on the data, which torch.export (and the ONNX export built on it) cannot trace:
+    a clear error naming the field, not the exporter's data-dependent-guard traceback."""
+    why = {
+        "sparse_attention": "hybrid sparse attention selects a data-dependent number of blocks per query",
+        "mod_capacity": "Mixture-of-Depths routes a data-dependent number of tokens through each routed block",
+    }
+    for field, reason in why.items():
+        value = getattr(config, field, None)
+        if value not in (None, "none", 0, 0.0):
+            raise ValueError(
+                f"{what} cannot trace ModelConfig.{field}={value!r}: {reason}. Serve the model with deepsail "
+                "(generate, serve, the engine), or export a model trained without the option"
+            )
+
+
 def _check_shape(input_shape: Any) -> tuple[int, int]:
     if (
         not isinstance(input_shape, tuple | list)
@@ -54,6 +70,7 @@ def export_program(model: nn.Module, input_shape: tuple[int, int] = (2, 16)) -> 
     """torch.export of `model`'s logits with dynamic batch and sequence dims, traced at `input_shape`."""
     B, T = _check_shape(input_shape)
     config = model.config
+    refuse_untraceable(config, "torch.export")
     if T > config.max_position_embeddings:
         raise ValueError(f"input_shape seq_len {T} exceeds the model's max_position_embeddings")
     # A traced size of 1 would be specialised into the graph; trace at >= 2 and declare the range from 1.
