@@ -217,6 +217,16 @@ def test_mesh_flags_must_multiply_to_the_world_size():
         mesh_shape(1, dp_shard=1, tp=4)
 
 
+def test_tp_refuses_hybrid_attention_by_name():
+    from deepsail.model import ModelConfig
+    from deepsail.parallel.tp import check_tp
+
+    cfg = ModelConfig.preset("deepseek-v3-debug").replace(sparse_attention="hybrid")
+    check_tp(cfg, 1)
+    with pytest.raises(ValueError, match="ModelConfig.sparse_attention='hybrid'.*--dp-shard"):
+        check_tp(cfg, 2)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A 512-token BPE and 100 kB of the embedded corpus, tokenized as `deepsail data prepare` does."""

@@ -63,8 +63,15 @@ def loss_parallel_context(enabled: bool) -> Iterator[None]:
 
 
 def check_tp(config: object, tp: int) -> None:
-    """Every split must be even: heads, kv heads, MLP widths and the vocabulary divide by tp."""
+    """Every split must be even: heads, kv heads, MLP widths and the vocabulary divide by tp. Hybrid sparse
+    attention does not split by heads: its selection sums the compressed attention of every head sharing the keys
+    (all of MLA's), and its gates are one projection for all heads."""
     c = config
+    if getattr(c, "sparse_attention", "none") != "none" and tp > 1:
+        raise ValueError(
+            f"--tp {tp} with ModelConfig.sparse_attention={c.sparse_attention!r}: its block selection sums over the "
+            "heads that --tp would split across ranks; shard it with --dp-shard (FSDP) instead."
+        )
     need = {"num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size}
     if c.attention_type == "gqa":
         need["num_key_value_heads"] = c.num_key_value_heads
