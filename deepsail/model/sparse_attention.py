@@ -86,10 +86,25 @@ class HybridSparseAttention(nn.Module):
         w_win = window_attention(q_BHTD, k_BGLD, v_BGLV, start_B, self.window, scale, v_dim)
         kc_BGCD, vc_BGCV = pool_blocks(k_BGLD, _values(k_BGLD, v_BGLV, v_dim), self.pool_logits)
         w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
-            q_BHTD, kc_BGCD, vc_BGCV, start_B, self.compress, self.window, self.select, self.top_k, scale
+            q_BHTD,
+            kc_BGCD,
+            vc_BGCV,
+            start_B,
+            self.compress,
+            self.window,
+            self.select,
+            self.top_k,
+            scale,
+            self._chunks(ctx, start_B, T, kc_BGCD.shape[2]),
         )
         w_sel = selected_attention(q_BHTD, k_BGLD, v_BGLV, idx_BGTK, ok_BGTK, self.select, scale, v_dim)
         return self._mix(x_BTD, w_win, w_cmp, w_sel)
+
+    def _chunks(self, ctx: AttentionContext, start_B: torch.Tensor, T: int, nC: int) -> list[tuple]:
+        """`score_chunks`, once per forward: every layer's compressed attention masks the same (query, block) pairs."""
+        if "score_chunks" not in ctx.scratch:
+            ctx.scratch["score_chunks"] = score_chunks(start_B, T, nC, self.compress, self.window, self.select)
+        return ctx.scratch["score_chunks"]
 
     def _mix(self, x_BTD: torch.Tensor, w_win: torch.Tensor, w_cmp: torch.Tensor, w_sel: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -140,7 +155,16 @@ class HybridSparseAttention(nn.Module):
         if mla:
             vc_BGCV = vc_BGCV[..., :v_dim]
         w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
-            q_BHTD, kc_BGCD, vc_BGCV, start_B, self.compress, self.window, self.select, self.top_k, scale
+            q_BHTD,
+            kc_BGCD,
+            vc_BGCV,
+            start_B,
+            self.compress,
+            self.window,
+            self.select,
+            self.top_k,
+            scale,
+            self._chunks(ctx, start_B, T, kc_BGCD.shape[2]),
         )
         # selected: each query's top_k blocks, gathered per query (T is small here)
         G, S = idx_BGTK.shape[1], self.select
@@ -297,6 +321,7 @@ def compressed_attention(
     select: int,
     top_k: int,
     scale: float,
+    chunks: list[tuple] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention over the pooled blocks (`pool_blocks`, or the paged cache's stores), and each query's selection.
 
@@ -311,31 +336,42 @@ def compressed_attention(
     # the sink as block 0: its logit and value come out of the same products, no [T, blocks] concatenation
     kc_BGCD, vc_BGCV = F.pad(kc_BGCD, (0, 0, 1, 0)), F.pad(vc_BGCV, (0, 0, 1, 0))
     q_BGHTD = q_BHTD.unflatten(1, (G, H // G))
-    dev = q_BHTD.device
+    if chunks is None:
+        chunks = score_chunks(start_B, T, nC, c, window, select)
     outs, idxs, oks = [], [], []
-    for t0 in range(0, T, SCORE_CHUNK):
-        t1 = min(T, t0 + SCORE_CHUNK)
-        pos_BT = start_B[:, None] + torch.arange(t0, t1, device=dev)
-        # Blocks before `lo` are complete for every query of the chunk; only [lo, n_vis) needs the causal mask.
-        lo, n_vis = (int(pos_BT.min()) + 1) // c, min(nC, (int(pos_BT.max()) + 1) // c)
+    for t0, t1, lo, n_vis, hidden_BTC, n_sel, shut_B1TS in chunks:
         scores = ((q_BGHTD[:, :, :, t0:t1] * scale) @ kc_BGCD[:, :, None, : n_vis + 1].transpose(-1, -2)).float()
-        if n_vis > lo:
-            hidden_BTC = torch.arange(lo, n_vis, device=dev) >= ((pos_BT + 1) // c)[..., None]
+        if hidden_BTC is not None:
             scores[..., lo + 1 :].masked_fill_(hidden_BTC[:, None, None], float("-inf"))
         p = scores.softmax(-1)
         outs.append(p.to(vc_BGCV.dtype) @ vc_BGCV[:, :, None, : n_vis + 1])
         # Selection (no gradient, as in NSA): a block's score is its compressed blocks' weight summed over the heads
-        # sharing its keys. Candidates are complete and start at or before the window's first key minus one.
-        n_sel = n_vis // per
+        # sharing its keys.
         sel_BGTS = p.detach()[..., 1 : n_sel * per + 1].sum(2).unflatten(-1, (n_sel, per)).sum(-1)
-        blocks = torch.arange(n_sel, device=dev)
-        cand_BTS = (blocks * select <= pos_BT[..., None] - window) & ((blocks + 1) * select <= pos_BT[..., None] + 1)
-        sel_BGTS = sel_BGTS.masked_fill(~cand_BTS[:, None], float("-inf"))
         k = min(top_k, n_sel)
-        top, idx = sel_BGTS.topk(k, dim=-1)
+        top, idx = sel_BGTS.masked_fill(shut_B1TS, float("-inf")).topk(k, dim=-1)
         idxs.append(F.pad(idx, (0, top_k - k)))
         oks.append(F.pad(top > float("-inf"), (0, top_k - k)))
     return torch.cat(outs, 3).flatten(1, 2), torch.cat(idxs, 2), torch.cat(oks, 2)
+
+
+def score_chunks(start_B: torch.Tensor, T: int, nC: int, c: int, window: int, select: int) -> list[tuple]:
+    """What `compressed_attention`'s query chunks mask, the same in every layer of a forward (its callers compute it
+    once): per chunk (t0, t1, lo, n_vis, hidden [B, t, n_vis - lo] or None, n_sel, not-a-candidate [B, 1, t, n_sel]).
+    Blocks before `lo` are complete for every query of the chunk; only [lo, n_vis) needs the causal mask. Selection
+    candidates are complete and start at or before the window's first key minus one."""
+    dev, per = start_B.device, select // c
+    chunks = []
+    for t0 in range(0, T, SCORE_CHUNK):
+        t1 = min(T, t0 + SCORE_CHUNK)
+        pos_BT = start_B[:, None] + torch.arange(t0, t1, device=dev)
+        lo, n_vis = (int(pos_BT.min()) + 1) // c, min(nC, (int(pos_BT.max()) + 1) // c)
+        hidden_BTC = torch.arange(lo, n_vis, device=dev) >= ((pos_BT + 1) // c)[..., None] if n_vis > lo else None
+        n_sel = n_vis // per
+        blocks = torch.arange(n_sel, device=dev)
+        cand_BTS = (blocks * select <= pos_BT[..., None] - window) & ((blocks + 1) * select <= pos_BT[..., None] + 1)
+        chunks.append((t0, t1, lo, n_vis, hidden_BTC, n_sel, ~cand_BTS[:, None]))
+    return chunks
 
 
 def selected_attention(
