@@ -15,7 +15,7 @@ cache) and gives the same numbers. Each query sees O(window + T/compress_block +
 of T. A decode step (`paged`, up to PAGED_QUERIES new tokens per row) reads only those rows: the pool keeps each
 block's pooled key and value once the block completes (`write_blocks`, KVPool.kc/vc), so it never re-pools or
 gathers the whole history (16k-token decode of deepseek-v3-mini-dense's width: 19.4 ms per token before, 0.65x
-the dense model; 7.2 ms now, 1.85x).
+the dense model; 7.3 ms now, 1.82x).
 
 MLA runs all three on the absorbed (latent) form — one latent "key head" shared by all query heads, as DeepSeek's
 DSA does on MLA's MQA mode — so a selected block is gathered once for all heads and decode reads the cache as is.
