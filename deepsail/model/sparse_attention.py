@@ -85,7 +85,25 @@ class HybridSparseAttention(nn.Module):
         start_B = query_starts(ctx, B, T, k_BGLD.shape[2])
         w_win = window_attention(q_BHTD, k_BGLD, v_BGLV, start_B, self.window, scale, v_dim)
         kc_BGCD, vc_BGCV = pool_blocks(k_BGLD, _values(k_BGLD, v_BGLV, v_dim), self.pool_logits)
-        w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
+        w_cmp, idx_BGTK, ok_BGTK = self._compressed(q_BHTD, kc_BGCD, vc_BGCV, start_B, ctx, scale)
+        w_sel = selected_attention(q_BHTD, k_BGLD, v_BGLV, idx_BGTK, ok_BGTK, self.select, scale, v_dim)
+        return self._mix(x_BTD, w_win, w_cmp, w_sel)
+
+    def _compressed(
+        self,
+        q_BHTD: torch.Tensor,
+        kc_BGCD: torch.Tensor,
+        vc_BGCV: torch.Tensor,
+        start_B: torch.Tensor,
+        ctx: AttentionContext,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`compressed_attention` with this layer's sizes; its chunk masks (`score_chunks`) are computed once per
+        forward, as every layer masks the same (query, block) pairs."""
+        if "score_chunks" not in ctx.scratch:
+            T, nC = q_BHTD.shape[2], kc_BGCD.shape[2]
+            ctx.scratch["score_chunks"] = score_chunks(start_B, T, nC, self.compress, self.window, self.select)
+        return compressed_attention(
             q_BHTD,
             kc_BGCD,
             vc_BGCV,
@@ -95,16 +113,8 @@ class HybridSparseAttention(nn.Module):
             self.select,
             self.top_k,
             scale,
-            self._chunks(ctx, start_B, T, kc_BGCD.shape[2]),
+            ctx.scratch["score_chunks"],
         )
-        w_sel = selected_attention(q_BHTD, k_BGLD, v_BGLV, idx_BGTK, ok_BGTK, self.select, scale, v_dim)
-        return self._mix(x_BTD, w_win, w_cmp, w_sel)
-
-    def _chunks(self, ctx: AttentionContext, start_B: torch.Tensor, T: int, nC: int) -> list[tuple]:
-        """`score_chunks`, once per forward: every layer's compressed attention masks the same (query, block) pairs."""
-        if "score_chunks" not in ctx.scratch:
-            ctx.scratch["score_chunks"] = score_chunks(start_B, T, nC, self.compress, self.window, self.select)
-        return ctx.scratch["score_chunks"]
 
     def _mix(self, x_BTD: torch.Tensor, w_win: torch.Tensor, w_cmp: torch.Tensor, w_sel: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -154,18 +164,7 @@ class HybridSparseAttention(nn.Module):
         kc_BGCD, vc_BGCV = rows(pool.kc[layer], pooled_BC), rows(pool.vc[layer], pooled_BC)
         if mla:
             vc_BGCV = vc_BGCV[..., :v_dim]
-        w_cmp, idx_BGTK, ok_BGTK = compressed_attention(
-            q_BHTD,
-            kc_BGCD,
-            vc_BGCV,
-            start_B,
-            self.compress,
-            self.window,
-            self.select,
-            self.top_k,
-            scale,
-            self._chunks(ctx, start_B, T, kc_BGCD.shape[2]),
-        )
+        w_cmp, idx_BGTK, ok_BGTK = self._compressed(q_BHTD, kc_BGCD, vc_BGCV, start_B, ctx, scale)
         # selected: each query's top_k blocks, gathered per query (T is small here)
         G, S = idx_BGTK.shape[1], self.select
         pos = (idx_BGTK[..., None] * S + torch.arange(S, device=dev)).flatten(-2)  # [B, G, T, K·S]
