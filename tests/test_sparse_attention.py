@@ -73,6 +73,11 @@ def test_branches_match_a_per_query_reference(G):
     got = mod(x, q, k, v, AttentionContext(cos, cos), scale=0.7)
     want = _reference(mod, x, q, k, v, 0.7)
     assert (got - want).abs().max() < 1e-5
+    with torch.no_grad():  # without gradients the selected tiles take torch's fused CPU kernel instead
+        assert (mod(x, q, k, v, AttentionContext(cos, cos), scale=0.7) - want).abs().max() < 1e-5
+        # MLA's form: the values are the keys' first columns (v_dim), so the fused kernel gets the keys as values
+        mla = mod(x, q, k, None, AttentionContext(cos, cos), scale=0.7, v_dim=5)
+        assert (mla - _reference(mod, x, q, k, k[..., :5], 0.7)).abs().max() < 1e-5
     # the gradients too: the selected branch's in-place softmax and fp32 scatter-sum must back-propagate exactly
     inputs = (q, k, v, mod.gate_proj.weight, mod.pool_logits)
     want_grads = torch.autograd.grad(want.square().sum(), inputs)
