@@ -56,7 +56,8 @@ class KVPool:
         c = config.compress_block
         if config.sparse_attention == "hybrid" and (block_size % c == 0 or c % block_size == 0):
             self.compress_stride = min(c, block_size)
-            shape = (slots // self.compress_stride, *self.k[0].shape[1:])
+            # + 1 scratch row, where a decode step's candidate block that does not complete writes (_new_blocks)
+            shape = (slots // self.compress_stride + 1, *self.k[0].shape[1:])
             self.kc = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
             self.vc = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
 

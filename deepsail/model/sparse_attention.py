@@ -191,16 +191,31 @@ class HybridSparseAttention(nn.Module):
 
     def _paged_plan(self, ctx: AttentionContext, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The window's slots [B, W + T - 1] and band mask [B, 1, T, W + T - 1], and the store rows [B, blocks] of
-        the pooled blocks the last query can see (block i at its last token's slot // stride)."""
+        the pooled blocks complete by the longest row's end (block i at its last token's slot // stride); also the
+        compressed branch's masks, as one chunk (`score_chunks`' layout) over all of them. Every size follows from
+        T and the keys' length L = read_slots.shape[1], none from the lengths' values, so a compiled decode step
+        (infer/graphs.py) keeps one graph as the context grows."""
         read_BL, start_B, dev = ctx.read_slots, ctx.cache.lens, ctx.read_slots.device
+        W, c, S = self.window, self.compress, self.select
         L = read_BL.shape[1]
-        off_B = (start_B - self.window + 1).clamp(min=0)
-        span_S = torch.arange(self.window + T - 1, device=dev)
+        off_B = (start_B - W + 1).clamp(min=0)
+        span_S = torch.arange(W + T - 1, device=dev)
         slots_BS = read_BL.gather(1, (off_B[:, None] + span_S).clamp(max=L - 1))
         rel_BTS = (start_B - off_B)[:, None, None] + torch.arange(T, device=dev)[:, None] - span_S
-        band_B1TS = ((rel_BTS >= 0) & (rel_BTS < self.window))[:, None]
-        nC = int(start_B.max() + T) // self.compress
-        last_BC = read_BL[:, self.compress - 1 : nC * self.compress : self.compress]
+        band_B1TS = ((rel_BTS >= 0) & (rel_BTS < W))[:, None]
+        # The blocks complete by the longest row's end (a shorter row's later ones are hidden from its queries
+        # below), plus two selection blocks' worth that no query sees: no count is ever 0 or 1, sizes a compiled
+        # graph would specialise on (4 graphs over a conversation's first 128 tokens, ~25 s of compiling each).
+        nC = L // c + 2 * (S // c)
+        last_BC = read_BL.gather(
+            1, (torch.arange(nC, device=dev) * c + c - 1).clamp(max=L - 1).expand(len(read_BL), nC)
+        )
+        pos_BT = start_B[:, None] + torch.arange(T, device=dev)
+        hidden_BTC = torch.arange(nC, device=dev) >= ((pos_BT + 1) // c)[..., None]
+        n_sel = nC // (S // c)
+        blocks = torch.arange(n_sel, device=dev)
+        cand_BTS = (blocks * S <= pos_BT[..., None] - W) & ((blocks + 1) * S <= pos_BT[..., None] + 1)
+        ctx.scratch["score_chunks"] = [(0, T, 0, nC, hidden_BTC, n_sel, ~cand_BTS[:, None])]
         return slots_BS, band_B1TS, last_BC // ctx.cache.pool.compress_stride
 
     def write_blocks(self, ctx: AttentionContext, layer: int) -> None:
@@ -210,8 +225,8 @@ class HybridSparseAttention(nn.Module):
         plan = ctx.scratch.get("new_blocks")
         if plan is None:
             plan = ctx.scratch["new_blocks"] = _new_blocks(ctx, self.compress, pool.compress_stride)
-        slots_NC, index_N = plan
-        if index_N.numel() == 0:
+        slots_NC, index_N, any_new = plan
+        if not any_new:
             return
         w_k, w_v = self.pool_logits.detach().float().softmax(-1)
         keys = pool.k[layer][slots_NC].float()  # [N, c, ...]
@@ -223,20 +238,26 @@ class HybridSparseAttention(nn.Module):
 PAGED_QUERIES = 64  # new tokens per row up to which `paged` runs (decode, speculative verify, short continuations)
 
 
-def _new_blocks(ctx: AttentionContext, c: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slots [N, c] of the blocks this forward completes (row b's blocks lens_b // c .. (lens_b + n_b) // c - 1)
-    and where each one's pooled entry goes: its last token's slot // stride. Computed once per forward."""
+def _new_blocks(ctx: AttentionContext, c: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The slots [N, c] of the blocks this forward may complete and where each one's pooled entry goes: its last
+    token's slot // stride, or the stores' last row (scratch) for a candidate that does not complete. N is fixed
+    by the shapes — (T - 1) // c + 1 candidates per row, row b's first being lens_b // c — so a compiled step does
+    not specialise on how many blocks complete (0 or 1 per row in decode). Computed once per forward; the flag
+    (eager only) lets the layers skip the 31 steps in 32 that complete nothing."""
     cache = ctx.cache
-    lens, dev = cache.lens, cache.lens.device
-    first, end = lens // c, (lens + ctx.input_lens) // c
-    counts = end - first
-    N = int(counts.sum())
-    row_N = torch.repeat_interleave(torch.arange(len(lens), device=dev), counts, output_size=N)
-    block_N = first[row_N] + torch.arange(N, device=dev) - (counts.cumsum(0) - counts)[row_N]
-    pos_NC = block_N[:, None] * c + torch.arange(c, device=dev)
+    lens, end = cache.lens, cache.lens + ctx.input_lens
+    T, dev = ctx.cos.shape[-2], lens.device  # cos: [B or 1, 1, T, rope/2]
+    j_N = torch.arange((T - 1) // c + 1, device=dev)
+    block_BN = (lens // c)[:, None] + j_N
+    done_BN = (block_BN + 1) * c <= end[:, None]
+    pos_BNC = (block_BN[..., None] * c + torch.arange(c, device=dev)).clamp(max=(end[:, None, None] - 1).clamp(min=0))
     bs = cache.pool.block_size
-    slots_NC = cache.block_table[row_N[:, None], pos_NC // bs] * bs + pos_NC % bs
-    return slots_NC, slots_NC[:, -1] // stride
+    page_BNC = cache.block_table.gather(1, (pos_BNC // bs).flatten(1)).view_as(pos_BNC)
+    slots_BNC = (page_BNC * bs + pos_BNC % bs).clamp(min=0)
+    scratch = cache.pool.kc[0].shape[0] - 1
+    index_BN = torch.where(done_BN, slots_BNC[..., -1] // stride, scratch)
+    any_new = True if torch.compiler.is_compiling() else bool(done_BN.any())
+    return slots_BNC.flatten(0, 1), index_BN.flatten(), any_new
 
 
 def make_sparse(config: ModelConfig) -> HybridSparseAttention | None:
@@ -359,11 +380,17 @@ def compressed_attention(
         outs.append((p.to(vc_BGCV.dtype).flatten(2, 3) @ vc_BGCV[:, :, : n_vis + 1]).unflatten(2, (Hg, t1 - t0)))
         # Selection (no gradient, as in NSA): a block's score is its compressed blocks' weight summed over the heads
         # sharing its keys.
-        sel_BGTS = p.detach()[..., 1 : n_sel * per + 1].sum(2).unflatten(-1, (n_sel, per)).sum(-1)
-        k = min(top_k, n_sel)
-        top, idx = sel_BGTS.masked_fill(shut_B1TS, float("-inf")).topk(k, dim=-1)
-        idxs.append(F.pad(idx, (0, top_k - k)))
-        oks.append(F.pad(top > float("-inf"), (0, top_k - k)))
+        # (a strided slice per position in the block, not unflatten: inductor cannot lower that view of a dynamic
+        # size, so compiled decode would fail)
+        heads_BGTC = p.detach().sum(2)
+        sel_BGTS = sum(heads_BGTC[..., 1 + j : n_sel * per + 1 : per] for j in range(per))
+        # top_k columns of -inf appended: k is fixed whatever the number of candidates (no size to specialise on);
+        # a slot without a real candidate points at block 0 and is masked
+        sel_BGTS = F.pad(sel_BGTS.masked_fill(shut_B1TS, float("-inf")), (0, top_k), value=float("-inf"))
+        top, idx = sel_BGTS.topk(top_k, dim=-1)
+        ok = top > float("-inf")
+        idxs.append(idx.masked_fill(~ok, 0))
+        oks.append(ok)
     return torch.cat(outs, 3).flatten(1, 2), torch.cat(idxs, 2), torch.cat(oks, 2)
 
 
