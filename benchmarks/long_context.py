@@ -7,9 +7,11 @@
 
 Timing: one model config (deepseek-v3-mini-dense's width: MLA, 4 heads, hidden 256, dense MLP), built twice with
 the same seed, once with each attention. Per length, the two sides alternate `--repeats` times; each repeat is a
-prefill through the paged cache (as the engine runs it: last-token logits only) and `--decode-steps` 1-token
-decode steps after it. Medians are printed, with the share of each forward spent inside the attention modules
-(forward hooks) so the whole-model ratio can be read against what attention alone gained, and the load average.
+prefill through the paged cache (as the engine runs it: last-token logits only), `--decode-steps` 1-token eager
+decode steps after it, then as many through the compiled decode step (`infer/graphs.py`, what `--compile` runs;
+compiled once per side before the timed runs, `--no-compile` skips it). Medians are printed, with the share of
+each forward spent inside the attention modules (forward hooks) so the whole-model ratio can be read against what
+attention alone gained, and the load average.
 The "bound" column is the physical limit for the hybrid's design: its attention FLOPs (`attention_flops`, counted
 as the code runs them) at the FLOP rate the fused dense kernel reached in the same run, plus its own other work.
 
@@ -49,16 +51,23 @@ class AttentionClock:
     """Seconds spent inside the attention modules (forward hooks; CUDA-synchronised on a GPU)."""
 
     def __init__(self, model, sync) -> None:
+        import torch
+
+        self.compiling = torch.compiler.is_compiling
         self.total, self._t0, self.sync = 0.0, 0.0, sync
         for block in model.layers:
             block.self_attn.register_forward_pre_hook(self._start)
             block.self_attn.register_forward_hook(self._stop)
 
     def _start(self, *_):
+        if self.compiling():  # the compiled decode step traces the hooks: leave them out of its graph
+            return
         self.sync()
         self._t0 = time.perf_counter()
 
     def _stop(self, *_):
+        if self.compiling():
+            return
         self.sync()
         self.total += time.perf_counter() - self._t0
 
@@ -87,13 +96,13 @@ def attention_flops(cfg, T: int, hybrid: bool) -> float:
     return float(H * 2 * (window.sum() * (dk + dk) + (compressed.sum() + selected.sum()) * (dk + r)))
 
 
-def time_one(model, clock, length: int, decode_steps: int, sync) -> dict:
+def time_one(model, clock, length: int, decode_steps: int, sync, compiled=None) -> dict:
     import torch
 
     device = model.embed_tokens.weight.device
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     ids = ids.to(device)
-    cache = model.new_cache(1, length + decode_steps, block_size=64)
+    cache = model.new_cache(1, length + 2 * decode_steps, block_size=64)
     with torch.no_grad():
         clock.total = 0.0
         sync()
@@ -108,16 +117,29 @@ def time_one(model, clock, length: int, decode_steps: int, sync) -> dict:
             tok = model(tok, cache=cache, last_logits_only=True).logits[:, -1].argmax(-1, keepdim=True)
             sync()
             steps.append(time.perf_counter() - t0)
-    return dict(prefill=prefill, attn_share=attn / prefill, decode=statistics.median(steps))
+        fast = []
+        for _ in range(decode_steps if compiled is not None else 0):
+            t0 = time.perf_counter()
+            tok = compiled(tok, cache).argmax(-1, keepdim=True)
+            sync()
+            fast.append(time.perf_counter() - t0)
+    compiled_s = statistics.median(fast) if fast else float("nan")
+    return dict(prefill=prefill, attn_share=attn / prefill, decode=statistics.median(steps), compiled=compiled_s)
 
 
 def timings(a, device: str, dtype) -> list[dict]:
     import torch
 
+    from deepsail.infer.graphs import CompiledDecode
+
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     lengths = a.lengths + ([65536] if a.gpu and 65536 not in a.lengths else [])
-    models = {name: build(arch, max(lengths) + a.decode_steps, device, dtype) for name, arch in SIDES.items()}
+    models = {name: build(arch, max(lengths) + 2 * a.decode_steps, device, dtype) for name, arch in SIDES.items()}
     clocks = {name: AttentionClock(m, sync) for name, m in models.items()}
+    compiled = {name: None if a.no_compile else CompiledDecode(m) for name, m in models.items()}
+    for name, m in models.items():  # the compile itself, untimed (hybrid: ~27 s on 2 cores, dense ~14 s)
+        if compiled[name] is not None:
+            time_one(m, clocks[name], 1024, 2, sync, compiled[name])
     rows = []
     for length in lengths:
         runs = {name: [] for name in models}
@@ -126,10 +148,10 @@ def timings(a, device: str, dtype) -> list[dict]:
         time_one(models["dense"], clocks["dense"], min(length, 1024), 2, sync)
         for _ in range(a.repeats):
             for name in models:  # alternate: a load spike hits both sides alike
-                runs[name].append(time_one(models[name], clocks[name], length, a.decode_steps, sync))
+                runs[name].append(time_one(models[name], clocks[name], length, a.decode_steps, sync, compiled[name]))
         row = dict(length=length, load=(load + os.getloadavg()[0]) / 2)
         for name, rs in runs.items():
-            for key in ("prefill", "attn_share", "decode"):
+            for key in ("prefill", "attn_share", "decode", "compiled"):
                 row[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
         # The bound: the hybrid's attention FLOPs run at the FLOP rate the dense kernel reached in this run (its own
         # non-attention time kept). No kernel for these products can beat it by much on this machine.
@@ -143,7 +165,8 @@ def timings(a, device: str, dtype) -> list[dict]:
         print(
             f"{length:>6} tokens: prefill dense {row['dense_prefill']:.3f}s hybrid {row['hybrid_prefill']:.3f}s "
             f"({row['dense_prefill'] / row['hybrid_prefill']:.2f}x) | decode dense {1e3 * row['dense_decode']:.1f} "
-            f"hybrid {1e3 * row['hybrid_decode']:.1f} ms/token | dense attention {row['dense_gflops']:.0f} GFLOP/s, "
+            f"hybrid {1e3 * row['hybrid_decode']:.1f} ms/token, compiled {1e3 * row['dense_compiled']:.1f} / "
+            f"{1e3 * row['hybrid_compiled']:.1f} | dense attention {row['dense_gflops']:.0f} GFLOP/s, "
             f"hybrid bound at that rate {row['bound']:.2f}x | load {row['load']:.1f}",
             flush=True,
         )
@@ -211,15 +234,16 @@ def write(rows: list[dict], qual: dict[str, dict], a, header: str) -> None:
         header,
         "",
         "| tokens | prefill dense | prefill hybrid | speedup | bound | attention share dense / hybrid | decode dense | "
-        "decode hybrid | speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "decode hybrid | speedup | compiled decode dense | compiled decode hybrid | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['length']:,} | {r['dense_prefill']:.3f} s | {r['hybrid_prefill']:.3f} s | "
             f"{r['dense_prefill'] / r['hybrid_prefill']:.2f}x | {r['bound']:.2f}x | {r['dense_attn_share']:.0%} / "
             f"{r['hybrid_attn_share']:.0%} | {1e3 * r['dense_decode']:.1f} ms | {1e3 * r['hybrid_decode']:.1f} ms | "
-            f"{r['dense_decode'] / r['hybrid_decode']:.2f}x |"
+            f"{r['dense_decode'] / r['hybrid_decode']:.2f}x | {1e3 * r['dense_compiled']:.1f} ms | "
+            f"{1e3 * r['hybrid_compiled']:.1f} ms | {r['dense_compiled'] / r['hybrid_compiled']:.2f}x |"
         )
     if qual:
         lines += [
@@ -239,6 +263,9 @@ def write(rows: list[dict], qual: dict[str, dict], a, header: str) -> None:
     for ax, key, label in ((axes[0], "prefill", "prefill (s)"), (axes[1], "decode", "decode (s/token)")):
         for name, color in (("dense", "C0"), ("hybrid", "C1")):
             ax.loglog(x, [r[f"{name}_{key}"] for r in rows], "o-", color=color, label=name, base=2)
+            if key == "decode" and not a.no_compile:
+                y = [r[f"{name}_compiled"] for r in rows]
+                ax.loglog(x, y, "s--", color=color, label=f"{name} compiled", base=2)
         ax.set(xlabel="context tokens", ylabel=label)
         ax.grid(True, which="both", lw=0.3)
         ax.legend()
@@ -256,6 +283,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the free cores)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled decode timings")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--steps", type=int, default=150, help="training steps per side for the quality comparison")
