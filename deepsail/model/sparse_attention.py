@@ -15,12 +15,15 @@ cache) and gives the same numbers. Each query sees O(window + T/compress_block +
 of T. A decode step (`paged`, up to PAGED_QUERIES new tokens per row) reads only those rows: the pool keeps each
 block's pooled key and value once the block completes (`write_blocks`, KVPool.kc/vc), so it never re-pools or
 gathers the whole history (16k-token decode of deepseek-v3-mini-dense's width: 19.4 ms per token before, 0.65x
-the dense model; 7.3 ms now, 1.82x).
+the dense model; 7.3 ms now, 1.82x). Every size in that path follows from the key length, never from the lengths'
+values, so the compiled decode step (infer/graphs.py) keeps one graph as the context grows: 2.7 ms per token at
+16k tokens (dense compiled: 11.4 ms).
 
 MLA runs all three on the absorbed (latent) form — one latent "key head" shared by all query heads, as DeepSeek's
 DSA does on MLA's MQA mode — so a selected block is gathered once for all heads and decode reads the cache as is.
-On CPU the kernels are blocked SDPA and batched matmuls: flex_attention (compiled) measured 0.135 s vs 0.108 s for
-the 16k-token window branch, 2.5 s vs 0.80 s for dense causal, plus an 8 s compile and 1.7 s to build a 16k mask.
+On CPU the kernels are blocked SDPA (the window; the selected tiles too when no gradient is needed) and batched
+matmuls: flex_attention (compiled) measured 0.135 s vs 0.108 s for the 16k-token window branch, 2.5 s vs 0.80 s
+for dense causal, plus an 8 s compile and 1.7 s to build a 16k mask.
 """
 
 from __future__ import annotations
@@ -142,8 +145,8 @@ class HybridSparseAttention(nn.Module):
         top_k·select_block) rows per query instead of the whole history. Same numbers as `forward` (tested)."""
         pool, read_BL = ctx.cache.pool, ctx.read_slots
         # On CPU these few-row products run in fp32 whatever the model's dtype: oneDNN's bf16 bmm costs ~60 us a
-        # call at these sizes against ~8 us in fp32. With the change below (keys not copied per head), bf16 decode
-        # per token, A/B alternating: 1k 8.65 -> 8.33 ms, 16k 10.5 -> 9.9 ms.
+        # call at these sizes against ~8 us in fp32. With compressed_attention's keys no longer copied per head,
+        # bf16 decode per token, A/B alternating: 1k 8.65 -> 8.33 ms, 16k 10.5 -> 9.9 ms.
         dtype = q_BHTD.dtype
         q_BHTD = q_BHTD.float() if q_BHTD.device.type == "cpu" else q_BHTD
         B, H, T, _ = q_BHTD.shape
