@@ -4,14 +4,15 @@
     python benchmarks/long_context.py --skip-quality       # timings only (~5 min on 2 busy cores)
     python benchmarks/long_context.py --gpu                # on CUDA, + 64k
     python benchmarks/long_context.py --skip-quality --bf16 --lengths 16384   # CPU timings in bf16
+    python benchmarks/long_context.py --skip-quality --lengths 16384 --preset deepseek-v3-small   # a wider model
 
-Timing: one model config (deepseek-v3-mini-dense's width: MLA, 4 heads, hidden 256, dense MLP), built twice with
-the same seed, once with each attention. Per length, the two sides alternate `--repeats` times; each repeat is a
-prefill through the paged cache (as the engine runs it: last-token logits only), `--decode-steps` 1-token eager
-decode steps after it, then as many through the compiled decode step (`infer/graphs.py`, what `--compile` runs;
-compiled once per side before the timed runs, `--no-compile` skips it). Medians are printed, with the share of
-each forward spent inside the attention modules (forward hooks) so the whole-model ratio can be read against what
-attention alone gained, and the load average.
+Timing: one model config (by default deepseek-v3-mini-dense's width: MLA, 4 heads, hidden 256, dense MLP; another
+with `--preset`), built twice with the same seed, once with each attention. Per length, the two sides alternate
+`--repeats` times; each repeat is a prefill through the paged cache (as the engine runs it: last-token logits
+only), `--decode-steps` 1-token eager decode steps after it, then as many through the compiled decode step
+(`infer/graphs.py`, what `--compile` runs; compiled once per side before the timed runs, `--no-compile` skips it).
+Medians are printed, with the share of each forward spent inside the attention modules (forward hooks) so the
+whole-model ratio can be read against what attention alone gained, and the load average.
 The "bound" column is the physical limit for the hybrid's design: its attention FLOPs (`attention_flops`, counted
 as the code runs them) at the FLOP rate the fused dense kernel reached in the same run, plus its own other work.
 
@@ -36,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 HYBRID = ("sparse_attention=hybrid",)
 
 
-def build(arch: tuple[str, ...], max_len: int, device: str, dtype):
+def build(arch: tuple[str, ...], max_len: int, device: str, dtype, preset: str = "deepseek-v3-mini-dense"):
     import torch
 
     from deepsail.model import ModelConfig, Transformer
 
-    cfg = ModelConfig.preset("deepseek-v3-mini-dense").with_overrides(arch)
+    cfg = ModelConfig.preset(preset).with_overrides(arch)
     cfg = cfg.replace(max_position_embeddings=max(max_len, cfg.max_position_embeddings), num_nextn_predict_layers=0)
     torch.manual_seed(0)
     return Transformer(cfg).to(device=device, dtype=dtype).eval()
@@ -134,7 +135,8 @@ def timings(a, device: str, dtype) -> list[dict]:
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     lengths = a.lengths + ([65536] if a.gpu and 65536 not in a.lengths else [])
-    models = {name: build(arch, max(lengths) + 2 * a.decode_steps, device, dtype) for name, arch in SIDES.items()}
+    n = max(lengths) + 2 * a.decode_steps
+    models = {name: build(arch, n, device, dtype, a.preset) for name, arch in SIDES.items()}
     clocks = {name: AttentionClock(m, sync) for name, m in models.items()}
     compiled = {name: None if a.no_compile else CompiledDecode(m) for name, m in models.items()}
     for name, m in models.items():  # the compile itself, untimed (hybrid: ~27 s on 2 cores, dense ~14 s)
@@ -269,7 +271,7 @@ def write(rows: list[dict], qual: dict[str, dict], a, header: str) -> None:
         ax.set(xlabel="context tokens", ylabel=label)
         ax.grid(True, which="both", lw=0.3)
         ax.legend()
-    fig.suptitle("Dense vs hybrid sparse attention (deepseek-v3-mini-dense width)")
+    fig.suptitle(f"Dense vs hybrid sparse attention ({a.preset} width)")
     fig.tight_layout()
     with atomic_path(a.out / "long_context.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -284,6 +286,7 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the free cores)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled decode timings")
+    p.add_argument("--preset", default="deepseek-v3-mini-dense", help="the model timed (quality: always mini-dense)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--steps", type=int, default=150, help="training steps per side for the quality comparison")
@@ -307,7 +310,8 @@ def main() -> None:
     dtype = torch.bfloat16 if a.gpu or a.bf16 else torch.float32
     header = (
         f"{device} ({torch.cuda.get_device_name() if a.gpu else f'{os.cpu_count()} cores'}), "
-        f"{torch.get_num_threads()} threads, {dtype}, torch {torch.__version__} | load {os.getloadavg()} | hybrid: "
+        f"{torch.get_num_threads()} threads, {dtype}, torch {torch.__version__} | load {os.getloadavg()} | "
+        f"{a.preset} | hybrid: "
         "window 256, compressed blocks of 32, top-4 selected blocks of 64"
     )
     print(header, flush=True)
