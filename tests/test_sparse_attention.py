@@ -11,6 +11,7 @@ import torch
 
 import deepsail as ds
 from deepsail.infer import Engine, EngineConfig, SamplingParams, generate
+from deepsail.infer.graphs import enable_compiled_decode
 from deepsail.model import ModelConfig, Transformer
 from deepsail.model.attention import AttentionContext
 from deepsail.model.cache import KVPool
@@ -146,15 +147,20 @@ def test_engine_serves_hybrid_with_shared_prefixes_and_preemption():
 
 def test_speculative_decoding_with_hybrid_equals_greedy():
     """Verify forwards write pooled blocks that rejected drafts completed; after the rollback the block completes
-    again with the accepted tokens and is rewritten, so self-speculative output stays the greedy output."""
+    again with the accepted tokens and is rewritten, so self-speculative output stays the greedy output — eager, and
+    with the verify forward and the MTP steps compiled (their candidate blocks are a fixed number per row)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("deepseek-v3-debug").replace(**HYBRID)).eval()
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     prompts = [list(range(5, 25)), list(range(30, 37))]
-    for prompt in prompts:
-        want = generate(model, None, prompt, greedy)[0]
-        got = generate(model, None, prompt, greedy, speculative=2)[0]
-        assert got.token_ids == want.token_ids and got.draft_tokens > 0
+    want = [generate(model, None, prompt, greedy)[0] for prompt in prompts]
+    for compiled in (False, True):
+        if compiled:
+            step = enable_compiled_decode(model)
+        for prompt, w in zip(prompts, want):
+            got = generate(model, None, prompt, greedy, speculative=2)[0]
+            assert got.token_ids == w.token_ids and got.draft_tokens > 0
+    assert step.runs["hidden"] > 0 and step.runs["mtp"] > 0
 
 
 def test_pool_counts_the_pooled_block_stores():
