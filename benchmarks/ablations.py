@@ -13,6 +13,10 @@ only the option differs (`--arch`, a trainer flag, or a pipeline). Val bpb is ov
 - mod               --arch mod_capacity=0.5        (Mixture-of-Depths: half the tokens through every 2nd block)
 - exit-loss         --arch exit_loss_weight=0.3    (LayerSkip's early-exit loss; see early_exit.py for the speed)
 - memory            --arch segment_memory=256      (Transformer-XL: documents in order, 256 tokens of memory)
+- hybrid            --arch sparse_attention=hybrid (NSA's three branches at their default sizes; in 256-token
+                    windows the 256-key sliding window already sees everything and no block is selectable)
+- hybrid-w64        the same at sizes where all three branches work within 256 tokens: a 64-key window,
+                    16-token pooled blocks, the top 2 of the 32-token blocks (long_context.py: the long-text view)
 - dense             deepseek-v3-mini-dense: every MLP as wide as a token's active experts (same active params)
 - upcycled          the dense model for half the time, `deepsail upcycle` (8 experts, top-2, 1 shared), then
                     MoE for the other half: equal total wall clock with the MoE trained from scratch (baseline)
@@ -42,6 +46,16 @@ VARIANTS = {
     "mod": {"arch": ("mod_capacity=0.5",)},
     "exit-loss": {"arch": ("exit_loss_weight=0.3",)},
     "memory": {"arch": ("segment_memory=256",)},
+    "hybrid": {"arch": ("sparse_attention=hybrid",)},
+    "hybrid-w64": {
+        "arch": (
+            "sparse_attention=hybrid",
+            "sliding_window=64",
+            "compress_block=16",
+            "select_block=32",
+            "select_top_k=2",
+        )
+    },
     "dense": {"model_preset": "deepseek-v3-mini-dense"},
     "upcycled": "pipeline",
 }
@@ -151,10 +165,10 @@ def main() -> None:
             f"{row['params_m']:.2f}M ({row['active_m']:.2f}M active) | load {load:.1f} {extra}",
             flush=True,
         )
-    write(rows, a.out)
+    write(rows, a.out, f"Architecture options at equal {'steps' if a.steps else 'wall clock'} ({budget} each)")
 
 
-def write(rows: list[dict], out: Path) -> None:
+def write(rows: list[dict], out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +197,7 @@ def write(rows: list[dict], out: Path) -> None:
     ax1.set(xlabel="val bits/byte (lower is better)", xlim=(lo * 0.97, max(r["val_bpb"] for r in rows) * 1.01))
     ax2.barh(names[::-1], [r["tok_s"] for r in rows][::-1], color="C1")
     ax2.set(xlabel="training tok/s")
-    fig.suptitle("Architecture options at equal wall clock")
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(out / "ablations.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
