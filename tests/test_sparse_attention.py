@@ -59,8 +59,8 @@ def _reference(mod: HybridSparseAttention, x, q, k, v, scale):
 
 @pytest.mark.parametrize("G", [1, 2])
 def test_branches_match_a_per_query_reference(G):
-    """The blocked window, chunked compressed attention and tiled selection equal the definition (fresh path), and
-    gradients reach the queries, keys, values, gates and pooling weights."""
+    """The blocked window, chunked compressed attention and tiled selection equal the definition (fresh path, also
+    for text no longer than the window), and gradients reach the queries, keys, values, gates and pooling weights."""
     torch.manual_seed(0)
     cfg = ModelConfig.preset("llama-3-8b-debug").replace(**HYBRID)
     mod = HybridSparseAttention(cfg, n_heads=4)
@@ -78,7 +78,15 @@ def test_branches_match_a_per_query_reference(G):
         assert (mod(x, q, k, v, AttentionContext(cos, cos), scale=0.7) - want).abs().max() < 1e-5
         # MLA's form: the values are the keys' first columns (v_dim), so the fused kernel gets the keys as values
         mla = mod(x, q, k, None, AttentionContext(cos, cos), scale=0.7, v_dim=5)
-        assert (mla - _reference(mod, x, q, k, k[..., :5], 0.7)).abs().max() < 1e-5
+        want_mla = _reference(mod, x, q, k, k[..., :5], 0.7)
+        assert (mla - want_mla).abs().max() < 1e-5
+        # text no longer than the window (3): one causal call for the window, and no query can select a block yet
+        n = 3
+        short = AttentionContext(cos[:, :, :n], cos[:, :, :n])
+        got_short = mod(x[:, :n], q[:, :, :n], k[:, :, :n], v[:, :, :n], short, scale=0.7)
+        assert (got_short - want[:, :, :n]).abs().max() < 1e-5
+        mla_short = mod(x[:, :n], q[:, :, :n], k[:, :, :n], None, short, scale=0.7, v_dim=5)
+        assert (mla_short - want_mla[:, :, :n]).abs().max() < 1e-5
     # the gradients too: the selected branch's in-place softmax and fp32 scatter-sum must back-propagate exactly
     inputs = (q, k, v, mod.gate_proj.weight, mod.pool_logits)
     want_grads = torch.autograd.grad(want.square().sum(), inputs)

@@ -86,10 +86,18 @@ class HybridSparseAttention(nn.Module):
         MLA latent). Query t of row b is at position start_b + t, start from `query_starts`."""
         B, T, _ = x_BTD.shape
         start_B = query_starts(ctx, B, T, k_BGLD.shape[2])
-        w_win = window_attention(q_BHTD, k_BGLD, v_BGLV, start_B, self.window, scale, v_dim)
+        # Fresh text (every row from position 0), decided from shapes: a window at least as long as the text is
+        # plain causal attention, and the first max(W, S - 1) queries have no selectable block, so the selected
+        # branch runs for the rest only (a training window of <= W tokens: not at all). A deepseek-v3-mini training
+        # step at 8x256 tokens, 1 thread: 1.24 -> 0.80 s; 1k-token prefill 1.12x; 2k and longer ~unchanged.
+        causal = ctx.fresh and T <= self.window
+        w_win = window_attention(q_BHTD, k_BGLD, v_BGLV, start_B, self.window, scale, v_dim, causal=causal)
         kc_BGCD, vc_BGCV = pool_blocks(k_BGLD, _values(k_BGLD, v_BGLV, v_dim), self.pool_logits)
         w_cmp, idx_BGTK, ok_BGTK = self._compressed(q_BHTD, kc_BGCD, vc_BGCV, start_B, ctx, scale)
-        w_sel = selected_attention(q_BHTD, k_BGLD, v_BGLV, idx_BGTK, ok_BGTK, self.select, scale, v_dim)
+        t0 = min(T, max(self.window, self.select - 1)) if ctx.fresh else 0
+        w_sel = selected_attention(
+            q_BHTD[:, :, t0:], k_BGLD, v_BGLV, idx_BGTK[:, :, t0:], ok_BGTK[:, :, t0:], self.select, scale, v_dim
+        )
         return self._mix(x_BTD, w_win, w_cmp, w_sel)
 
     def _compressed(
@@ -120,10 +128,14 @@ class HybridSparseAttention(nn.Module):
         )
 
     def _mix(self, x_BTD: torch.Tensor, w_win: torch.Tensor, w_cmp: torch.Tensor, w_sel: torch.Tensor) -> torch.Tensor:
+        """The gated sum; `w_sel` may cover only the last queries (the others selected nothing: 0)."""
         B, T, _ = x_BTD.shape
         g_BHT3 = torch.sigmoid(self.gate_proj(x_BTD)).view(B, T, self.n_heads, 3).transpose(1, 2).to(w_win.dtype)
         out = g_BHT3[..., 0:1] * w_win  # two in-place multiply-adds: 3 passes instead of 5 (16k: 5.0 -> 2.7 ms/layer)
-        return out.addcmul_(g_BHT3[..., 1:2], w_cmp).addcmul_(g_BHT3[..., 2:3], w_sel)
+        out.addcmul_(g_BHT3[..., 1:2], w_cmp)
+        t0 = T - w_sel.shape[2]
+        out[:, :, t0:].addcmul_(g_BHT3[:, :, t0:, 2:3], w_sel)
+        return out
 
     # --- decode against the paged cache ------------------------------------------------------------------------
     def reads_pages(self, ctx: AttentionContext, T: int) -> bool:
@@ -298,11 +310,18 @@ def window_attention(
     window: int,
     scale: float,
     v_dim: int | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Each query attends to the keys at positions (pos - window, pos]: queries in chunks of WINDOW_CHUNK, each
-    chunk one SDPA call over its chunk + window keys (gathered by position, so rows may start anywhere)."""
+    chunk one SDPA call over its chunk + window keys (gathered by position, so rows may start anywhere).
+    `causal`: the caller knows every row starts at 0 with no more than `window` tokens, so the window is all of
+    each query's past: one causal SDPA call, no gathered spans (a third of whose products the band masks out)."""
     B, H, T, D = q_BHTD.shape
     G, L = k_BGLD.shape[1], k_BGLD.shape[2]
+    if causal:
+        v = k_BGLD if v_BGLV is None else v_BGLV  # MLA: the keys as values, cut after (one head dim for SDPA)
+        out = F.scaled_dot_product_attention(q_BHTD, k_BGLD, v, is_causal=True, scale=scale, enable_gqa=G != H)
+        return out[..., :v_dim] if v_BGLV is None else out
     C = min(WINDOW_CHUNK, T)
     n = -(-T // C)
     span = C + window - 1
@@ -450,7 +469,7 @@ def selected_attention(
     nS = L // S
     V = v_dim if v_BGLV is None else v_BGLV.shape[-1]
     dev, dtype = q_BHTD.device, q_BHTD.dtype
-    if nS == 0 or K == 0:
+    if nS == 0 or K == 0 or T == 0:  # no block yet, or no query that could select one
         return q_BHTD.new_zeros(B, H, T, V)
     n_q, n_blocks, n_pairs = B * G * T, B * G * nS, B * G * T * K
     block = (torch.arange(B * G, device=dev)[:, None, None] * nS + idx_BGTK.flatten(0, 1)).flatten()
